@@ -1,55 +1,75 @@
-"""The jitted train step and the small end-to-end run on synthetic data."""
+"""The training loop: results, model selection, resume after SIGKILL / SIGTERM, bad runs stopped."""
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
 import jax
 import numpy as np
+import pytest
 
 from tt_jax import objective, optim, parallel, train
-from tt_jax.data.synthetic import make_synthetic_split
-from tt_jax.models import ExpertConfig, ModelConfig, build_model
+from tt_jax.checkpoint import CheckpointError
+from tt_jax.config import ConfigError
+from tt_jax.data.sources import load_splits
+from tt_jax.errors import UserInputError
+from tt_jax.evaluate import evaluate
+from tt_jax.models import build_model
 from tt_jax.teachers import PrecomputedTeacher
+from tt_jax.trained import load_trained
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TINY = REPO / "tests" / "configs" / "tiny.py"
 
 
-def tiny_model_config() -> ModelConfig:
-    return ModelConfig(
-        experts=(ExpertConfig("scene", 12), ExpertConfig("audio", 6, "vlad", 2, 4, flaky=True)),
-        text_dim=8,
-        text_vlad_clusters=2,
-        text_max_tokens=5,
-        shared_dim=8,
-    )
+def tiny_config(arg=None):
+    spec = importlib.util.spec_from_file_location("tiny_config", TINY)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
 
 
-def test_sampler_is_a_pure_function_of_seed_and_step():
-    split = make_synthetic_split(tiny_model_config(), 20, 3, seed=0)
-    first = train.sample_batch(split, 8, seed=5, step=3)
-    again = train.sample_batch(split, 8, seed=5, step=3)
-    other = train.sample_batch(split, 8, seed=5, step=4)
-    np.testing.assert_array_equal(first["text"], again["text"])
-    assert not np.array_equal(first["text"], other["text"])
-    assert first["text"].shape == (8, 1, 5, 8)
+def baseline_config(**train_changes):
+    config = tiny_config("baseline")
+    config.train.update(train_changes)
+    return config
 
 
-def test_training_lowers_the_loss_and_distillation_pulls_towards_the_teacher():
-    config = tiny_model_config()
+def read_jsonl(path: pathlib.Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def latest_steps(workdir: pathlib.Path) -> list[int]:
+    directory = workdir / "checkpoints" / "latest"
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.is_dir() else []
+
+
+def test_the_step_lowers_the_loss_and_distillation_pulls_towards_the_teacher():
+    config = tiny_config()
+    store = load_splits(config.data, config.model)["train"]
     mesh = parallel.make_mesh(2)
-    split = make_synthetic_split(config, 64, 2, seed=0)
+    model_config = train.model_config_of(config)
     optimizer = optim.build_optimizer("radam", 1e-2, 1e-5)
-    state = train.create_train_state(build_model(config), optimizer, jax.random.key(0))
+    state = train.create_train_state(build_model(model_config), optimizer, jax.random.key(0))
     # An ideal teacher: its stored embeddings make S_t = 0.9 I.
     ideal = {"video": {"e": np.eye(16, dtype=np.float32)}, "text": {"e": 0.9 * np.eye(16, dtype=np.float32)[:, None]}}
     objective_fn = objective.make_objective(
-        build_model(config, axis_name=parallel.DATA_AXIS),
+        build_model(model_config, axis_name=parallel.DATA_AXIS),
         [PrecomputedTeacher("ideal", ("e",))],
         objective.ObjectiveOptions(margin=0.1),
         mesh,
-        student_text="text",
+        student_text="poor",
     )
     step = train.make_train_step(objective_fn, optimizer)
-    batch = train.sample_batch(split, 16, seed=0, step=0)
-    batch = dict(batch, text={"text": batch["text"]}, teacher_embeddings={"ideal": ideal})
-    batch = parallel.global_batch_from_process_data(batch, mesh)
+    batch = store.batch(np.arange(16), np.zeros((16, 1), int), text_names=["poor"], max_text_tokens=5)
+    batch = parallel.global_batch_from_process_data(dict(batch, teacher_embeddings={"ideal": ideal}), mesh)
     state = parallel.put_replicated(state, mesh)
     history = []
     for _ in range(40):
@@ -58,3 +78,169 @@ def test_training_lowers_the_loss_and_distillation_pulls_towards_the_teacher():
     assert history[-1][0] < 0.5 * history[0][0]
     assert history[-1][1] < history[0][1]
     assert int(state.step) == 40
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("run")
+    return workdir, train.train_and_evaluate(baseline_config(), workdir)
+
+
+def test_a_run_keeps_the_best_validation_epoch_and_tests_it(finished_run):
+    workdir, results = finished_run
+    epochs = [row for row in read_jsonl(workdir / "metrics.jsonl") if "epoch" in row]
+    assert [row["epoch"] for row in epochs] == [1, 2, 3]
+    scores = [row["val/t2v_geometric_mean_R1-R5-R10"] for row in epochs]
+    best = max(index for index, score in enumerate(scores) if score == max(scores))  # ties: the later
+    assert results["best_epoch"] == best + 1
+    assert results["val"]["t2v"]["geometric_mean_R1-R5-R10"] == scores[best]
+    assert results["best_step"] == 4 * (best + 1)  # 64 videos / batch 16
+    assert json.loads((workdir / "results.json").read_text())["test"] == results["test"]
+    assert (workdir / "config.json").is_file() and any((workdir / "tensorboard").iterdir())
+
+    # The reported test metrics are those of the best checkpoint, recomputed independently here.
+    test_store = load_splits(baseline_config().data, baseline_config().model)["test"]
+    again = evaluate(test_store, workdir=workdir)
+    assert again["t2v"] == results["test"]["t2v"] and again["v2t"] == results["test"]["v2t"]
+    # Training learned something: better than chance (24 test videos: chance R@10 = 10/24 = 42 %).
+    assert results["test"]["t2v"]["R10"] > 55
+
+
+def test_the_learning_rate_decays_once_per_epoch(finished_run):
+    workdir, _ = finished_run
+    rates = {row["step"]: row["learning_rate"] for row in read_jsonl(workdir / "metrics.jsonl") if "learning_rate" in row}
+    # Logged every 2 steps; the rate used by step s (1-based) is 1e-2 * 0.95 ** ((s - 1) // 4).
+    assert rates == pytest.approx({s: 1e-2 * 0.95 ** ((s - 1) // 4) for s in range(2, 13, 2)})
+
+
+def test_evaluation_in_chunks_equals_one_chunk_and_the_workdir_path(finished_run):
+    workdir, _ = finished_run
+    trained = load_trained(workdir)
+    store = load_splits(baseline_config().data, baseline_config().model)["val"]
+    whole = evaluate(store, model=trained.model, variables=trained.variables, text_name="poor",
+                     chunk_videos=1000, return_similarity=True)
+    chunked = evaluate(store, workdir=workdir, chunk_videos=7, return_similarity=True)
+    assert whole["similarity"].shape == (24 * 2, 24)
+    np.testing.assert_allclose(chunked["similarity"], whole["similarity"], rtol=1e-6, atol=1e-6)
+    assert chunked["t2v"] == whole["t2v"]
+
+
+def test_a_finished_run_is_read_back_not_retrained(finished_run):
+    workdir, results = finished_run
+    lines = len(read_jsonl(workdir / "metrics.jsonl"))
+    assert train.train_and_evaluate(baseline_config(), workdir) == results
+    assert len(read_jsonl(workdir / "metrics.jsonl")) == lines
+
+
+def test_a_workdir_of_another_model_is_refused(finished_run, tmp_path):
+    workdir, _ = finished_run
+    other = baseline_config()
+    other.model.shared_dim = 4
+    with pytest.raises(UserInputError, match="another model"):
+        train.train_and_evaluate(other, workdir)
+    # The same with only checkpoints (the run had not finished): the fingerprint check refuses it.
+    unfinished = tmp_path / "unfinished"
+    train.train_and_evaluate(baseline_config(num_epochs=1), unfinished)
+    (unfinished / "results.json").unlink()
+    with pytest.raises(CheckpointError, match=r"another model: model\.shared_dim \(saved 8, now 4\)"):
+        train.train_and_evaluate(other, unfinished)
+
+
+def test_a_diverging_loss_stops_with_the_last_good_checkpoint(tmp_path):
+    with pytest.raises(train.TrainingDivergedError, match=r"became (nan|inf) at step \d+") as stopped:
+        train.train_and_evaluate(baseline_config(learning_rate=1e38, checkpoint_every_steps=1), tmp_path)
+    saved = latest_steps(tmp_path)
+    if saved:  # every checkpoint that exists is finite and older than the failing step
+        assert f"last good checkpoint is step {saved[-1]}" in str(stopped.value)
+        leaves = jax.tree.leaves(load_trained(tmp_path, checkpoint="latest").variables)
+        assert all(np.all(np.isfinite(leaf)) for leaf in leaves)
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_bad_settings_are_errors_that_say_what_to_change(tmp_path):
+    with pytest.raises(UserInputError, match="not divisible by the 8 devices"):
+        train.train_and_evaluate(baseline_config(batch_size=12), tmp_path / "a")
+    config = baseline_config()
+    with config.unlocked():
+        config.train.lerning_rate = 1.0
+    with pytest.raises(ConfigError, match=r"unknown config key 'train.lerning_rate'.*'learning_rate'"):
+        train.train_and_evaluate(config, tmp_path / "b")
+    config = baseline_config()
+    config.train.optimizer = "sgdd"
+    with pytest.raises(UserInputError, match="unknown optimiser 'sgdd'"):
+        train.train_and_evaluate(config, tmp_path / "c")
+    config = baseline_config()
+    config.data.text_embedding = "gpt9"
+    with pytest.raises(UserInputError, match="gpt9"):
+        train.train_and_evaluate(config, tmp_path / "d")
+
+
+# -- interrupted runs, in subprocesses running the command line ----------------------------------
+
+
+def main_command(workdir: pathlib.Path, *overrides: str) -> list[str]:
+    return [
+        sys.executable, "-m", "tt_jax.main", f"--config={TINY}:baseline", f"--workdir={workdir}",
+        "--config.train.num_epochs=5", "--config.train.checkpoint_every_steps=1", *overrides,
+    ]
+
+
+def cli_env() -> dict:
+    return dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+
+
+def run_to_end(workdir: pathlib.Path) -> None:
+    done = subprocess.run(main_command(workdir), env=cli_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def interrupt(workdir: pathlib.Path, signum: int, after_step: int) -> subprocess.CompletedProcess:
+    """Starts a run and sends `signum` once a checkpoint at `after_step` or later exists."""
+    log = workdir.with_name(workdir.name + ".log")
+    with open(log, "w") as output:  # a file, not a pipe: a full pipe would block the run's logging
+        process = subprocess.Popen(main_command(workdir), env=cli_env(), cwd=REPO, stdout=output, stderr=output)
+        deadline = time.monotonic() + 300
+        while not any(step >= after_step for step in latest_steps(workdir / "student_baseline" / "seed_0")):
+            assert process.poll() is None, f"the run ended before step {after_step}: {log.read_text()[-3000:]}"
+            if time.monotonic() > deadline:
+                process.kill()
+                pytest.fail(f"no checkpoint appeared: {log.read_text()[-3000:]}")
+            time.sleep(0.02)
+        process.send_signal(signum)
+        process.wait(timeout=120)
+    return subprocess.CompletedProcess(process.args, process.returncode, "", log.read_text())
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    run_to_end(workdir)
+    return workdir
+
+
+def assert_same_run(workdir: pathlib.Path, reference: pathlib.Path) -> None:
+    run, expected = workdir / "student_baseline" / "seed_0", reference / "student_baseline" / "seed_0"
+    results, expected_results = (json.loads((d / "results.json").read_text()) for d in (run, expected))
+    for key in ("val", "test", "best_epoch", "best_step"):
+        assert results[key] == expected_results[key], key
+    for kind in ("latest", "best"):
+        ours, theirs = (load_trained(d, checkpoint=kind).variables for d in (run, expected))
+        jax.tree.map(np.testing.assert_array_equal, ours, theirs)
+
+
+def test_a_killed_run_restarted_ends_as_an_uninterrupted_one(uninterrupted, tmp_path):
+    killed = interrupt(tmp_path, signal.SIGKILL, after_step=6)  # mid epoch 2 of 5
+    assert killed.returncode == -signal.SIGKILL
+    assert not (tmp_path / "student_baseline" / "seed_0" / "results.json").exists()
+    run_to_end(tmp_path)
+    assert_same_run(tmp_path, uninterrupted)
+
+
+def test_sigterm_saves_exits_cleanly_and_the_run_resumes(uninterrupted, tmp_path):
+    stopped = interrupt(tmp_path, signal.SIGTERM, after_step=3)
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    assert "Run the same command again to resume" in stopped.stderr
+    assert "Traceback" not in stopped.stderr
+    assert latest_steps(tmp_path / "student_baseline" / "seed_0")[-1] >= 3
+    run_to_end(tmp_path)
+    assert_same_run(tmp_path, uninterrupted)

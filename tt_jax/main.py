@@ -1,5 +1,13 @@
-"""Command-line entry point: `python -m tt_jax.main --config configs/demo.py --workdir runs/demo`."""
+"""Command line: `python -m tt_jax.main --config configs/demo.py --workdir runs/demo`.
 
+Runs the TeachText recipe of the config (tt_jax.pipeline) and prints its report. Settings can be
+changed with `--config.train.num_epochs=5`; `--config=configs/x.py:arg` passes `arg` to the file's
+`get_config`. Set TT_JAX_DISTRIBUTED=1 on every host of a multi-host launch (TPU pod, SLURM) to
+call `jax.distributed.initialize()`. Exit status: 0 done, 2 bad input (the message says what
+to change), 143 stopped by SIGTERM after saving (rerun the command to resume).
+"""
+
+import os
 import pathlib
 import sys
 
@@ -9,36 +17,53 @@ from ml_collections import config_flags
 _DEFAULT_CONFIG = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "demo.py")
 
 _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Experiment config file.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where results are written (optional for now).")
+_WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Where checkpoints, metrics and the report are written.")
+
+EXIT_BAD_INPUT = 2
+EXIT_PREEMPTED = 143  # 128 + SIGTERM, what a shell reports for a terminated command
 
 
-def _format_table(result: dict) -> str:
-    keys = ("R1", "R5", "R10", "MedR", "geometric_mean_R1-R5-R10")
-    lines = ["| model | direction | " + " | ".join(keys) + " |", "|---" * (len(keys) + 2) + "|"]
-    for stage in ("before", "after"):
-        for direction in ("t2v", "v2t"):
-            values = " | ".join(f"{result[stage][direction][k]:.1f}" for k in keys)
-            lines.append(f"| {stage} training | {direction} | {values} |")
-    return "\n".join(lines)
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing, with config errors (unknown keys, wrong types) as one line and exit 2."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as error:
+        message = str(error)
+    except (KeyError, AttributeError, TypeError, ValueError) as error:  # raised by config overrides
+        message = str(error).strip("\"'")
+    if "--config" in message or "config" in " ".join(argv):
+        from tt_jax.config import default_config
+
+        message += f"\nvalid top-level config keys: {sorted(default_config().keys())}"
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(EXIT_BAD_INPUT)
 
 
-def main(argv):
+def main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from tt_jax import train  # imported after flag parsing so that --help stays fast
+    import jax  # imported after flag parsing so that --help stays fast
 
+    from tt_jax import pipeline, reporting
     from tt_jax.errors import UserInputError
+    from tt_jax.train import Preempted
 
+    if os.environ.get("TT_JAX_DISTRIBUTED") == "1":
+        jax.distributed.initialize()  # coordinator and process ids come from the TPU / SLURM environment
     try:
-        result = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+        results = pipeline.run(_CONFIG.value, _WORKDIR.value)
     except UserInputError as error:
         logging.error("%s", error)
         print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(_format_table(result))
-    logging.info("trained in %.1f s", result["train_seconds"])
+        return EXIT_BAD_INPUT
+    except Preempted as stop:
+        logging.warning("%s", stop)
+        print(str(stop), file=sys.stderr)
+        return EXIT_PREEMPTED
+    if results and jax.process_index() == 0:
+        print(reporting.report_tables(results))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(app.run(main))
+    sys.exit(app.run(main, flags_parser=_parse_flags))

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
 from tt_jax import losses
+from tt_jax.errors import UserInputError
 from tt_jax.models import CENet
 from tt_jax.parallel import DATA_AXIS, first_local_row, gather_rows, sum_over_devices
 from tt_jax.teachers import Teacher, similarity_rows, teacher_similarity_rows
@@ -30,6 +31,27 @@ class ObjectiveOptions:
     distillation_weight: float = 1.0
     teacher_aggregation: str = "mean"
     distillation_distance: str = "huber"
+
+    def __post_init__(self):
+        if self.teacher_aggregation not in losses.TEACHER_AGGREGATIONS:
+            raise ObjectiveConfigError(
+                f"unknown teacher aggregation {self.teacher_aggregation!r}; "
+                f"choose one of {list(losses.TEACHER_AGGREGATIONS)}"
+            )
+        if self.distillation_distance not in losses.DISTILLATION_DISTANCES:
+            raise ObjectiveConfigError(
+                f"unknown distillation distance {self.distillation_distance!r}; "
+                f"choose one of {list(losses.DISTILLATION_DISTANCES)}"
+            )
+        if not (self.margin >= 0 and self.distillation_weight >= 0):
+            raise ObjectiveConfigError(
+                f"margin and distillation weight must be non-negative numbers, got "
+                f"{self.margin} and {self.distillation_weight}"
+            )
+
+
+class ObjectiveConfigError(UserInputError):
+    """Loss settings that name no loss."""
 
 
 def make_objective(

@@ -55,6 +55,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from tt_jax.errors import UserInputError
+
+
+class OptimizerConfigError(UserInputError):
+    """An optimiser name or schedule setting that describes no optimiser."""
+
 # Reference `utils/radam.py` defaults (the TeachText configs pass only lr and weight_decay).
 RADAM_B1 = 0.9
 RADAM_B2 = 0.999
@@ -448,7 +454,7 @@ def build_optimizer(
     builder = _OPTIMIZERS.get(name.lower())
     if builder is None:
         valid = ", ".join(sorted(_OPTIMIZERS))
-        raise ValueError(f"unknown optimiser {name!r}; valid names: {valid}")
+        raise OptimizerConfigError(f"unknown optimiser {name!r}; valid names: {valid}")
     return builder(learning_rate, weight_decay, **kwargs)
 
 
@@ -466,7 +472,7 @@ def epoch_decay_schedule(
     per epoch, the last partial batch included (the reference uses drop_last=False).
     """
     if steps_per_epoch < 1:
-        raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
+        raise OptimizerConfigError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
     return optax.exponential_decay(
         init_value=base_lr, transition_steps=steps_per_epoch, decay_rate=gamma, staircase=True
     )

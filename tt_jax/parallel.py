@@ -15,6 +15,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from tt_jax.errors import UserInputError
+
 DATA_AXIS = "data"
 
 
@@ -40,7 +42,7 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
 def check_batch_divisible(global_batch_size: int, mesh: Mesh) -> None:
     devices = mesh.shape[DATA_AXIS]
     if global_batch_size % devices:
-        raise ValueError(
+        raise UserInputError(
             f"the global batch size {global_batch_size} is not divisible by the {devices} devices of "
             f"the mesh; choose a batch size that is a multiple of {devices}"
         )

@@ -1,0 +1,98 @@
+"""The recipe: teachers, distilled and baseline students over seeds, the report; the command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from test_train import REPO, TINY, read_jsonl, tiny_config
+from tt_jax import pipeline
+from tt_jax.config import ConfigError
+from tt_jax.trained import RunDirectoryError, read_results, read_run_config
+
+
+@pytest.fixture(scope="module")
+def recipe(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("recipe")
+    return workdir, pipeline.run(tiny_config(), workdir)
+
+
+def test_the_recipe_trains_every_model_and_reports_each_seed(recipe):
+    workdir, results = recipe
+    assert set(results) == {"teacher_rich", "student_teachtext", "student_baseline"}
+    assert set(results["teacher_rich"]["test"]) == {0}
+    for student in ("student_teachtext", "student_baseline"):
+        assert set(results[student]["test"]) == {0, 1}
+    report = json.loads((workdir / "report.json").read_text())
+    summary = report["models"]["student_teachtext"]["splits"]["test"]
+    assert summary["num_seeds"] == 2
+    runs = [json.loads((workdir / "student_teachtext" / f"seed_{s}" / "results.json").read_text()) for s in (0, 1)]
+    r1 = [run["test"]["t2v"]["R1"] for run in runs]
+    assert summary["mean"]["t2v"]["R1"] == pytest.approx(sum(r1) / 2)
+    assert summary["std"]["t2v"]["R1"] == pytest.approx(abs(r1[0] - r1[1]) / 2)
+    assert "student_baseline" in (workdir / "report.md").read_text()
+
+
+def test_the_student_distils_from_the_teacher_the_baseline_does_not(recipe):
+    workdir, _ = recipe
+    distilled = read_run_config(workdir / "student_teachtext" / "seed_0")
+    assert [dict(t) for t in distilled.distillation.teachers] == [
+        {"name": "teacher_rich", "text_embedding": "rich", "checkpoint": str(workdir / "teachers" / "teacher_rich")}
+    ]
+    assert distilled.data.text_embedding == "poor" and distilled.seed == 0
+    assert read_run_config(workdir / "teachers" / "teacher_rich").model.text_dim == 8
+    teachtext_rows = read_jsonl(workdir / "student_teachtext" / "seed_1" / "metrics.jsonl")
+    baseline_rows = read_jsonl(workdir / "student_baseline" / "seed_1" / "metrics.jsonl")
+    assert any(row.get("distillation_loss", 0) > 0 for row in teachtext_rows)
+    assert not any("distillation_loss" in row for row in baseline_rows)
+
+
+def test_rerunning_the_recipe_trains_nothing_again(recipe):
+    workdir, results = recipe
+    logs = sorted(workdir.rglob("metrics.jsonl"))
+    sizes = [path.stat().st_size for path in logs]
+    assert pipeline.run(tiny_config(), workdir) == results
+    assert [path.stat().st_size for path in logs] == sizes
+
+
+def test_a_teacher_checkpoint_of_another_text_embedding_is_refused(recipe, tmp_path):
+    workdir, _ = recipe
+    config = tiny_config()
+    config.teachers = [dict(name="teacher_rich", text_embedding="poor", checkpoint=str(workdir / "teachers" / "teacher_rich"))]
+    config.pipeline.stages = ["student_teachtext"]
+    with pytest.raises(RunDirectoryError, match="should read the text embedding 'poor'.*trained on 'rich'"):
+        pipeline.run(config, tmp_path)
+    config.teachers = [dict(name="teacher_rich", text_embedding="rich", checkpoint=str(tmp_path / "nothing"))]
+    with pytest.raises(RunDirectoryError, match="holds no training run"):
+        pipeline.run(config, tmp_path)
+    config.teachers = [dict(name="teacher_rich", text_embedding="rich", epochs=3)]
+    with pytest.raises(ConfigError, match=r"unknown keys \['epochs'\]"):
+        pipeline.run(config, tmp_path)
+
+
+def run_main(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    return subprocess.run(
+        [sys.executable, "-m", "tt_jax.main", *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=600
+    )
+
+
+def test_the_command_line_rejects_unknown_keys_with_the_valid_ones(tmp_path):
+    done = run_main(f"--config={TINY}:baseline", f"--workdir={tmp_path}", "--config.train.lerning_rate=1")
+    assert done.returncode == 2
+    assert "lerning_rate" in done.stderr and "learning_rate" in done.stderr
+    assert "Traceback" not in done.stderr
+    done = run_main(f"--config={TINY}:nonsense", f"--workdir={tmp_path}")
+    assert done.returncode == 2 and "unknown argument 'nonsense'" in done.stderr
+
+
+def test_the_command_line_runs_a_stage_and_prints_the_report(tmp_path):
+    done = run_main(f"--config={TINY}:baseline", f"--workdir={tmp_path}", "--config.train.num_epochs=1")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "| student_baseline |" in done.stdout
+    assert json.loads((tmp_path / "report.json").read_text())["models"].keys() == {"student_baseline"}
+    assert read_results(tmp_path / "student_baseline" / "seed_0")["num_epochs"] == 1
