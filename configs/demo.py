@@ -42,9 +42,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         dict(name=f"teacher_{name}", text_embedding=name, model=dict(text_dim=spec["dim"]))
         for name, spec in TEACHTEXT_TEXT_EMBEDDINGS.items()
     ]
-    config.pipeline.seeds = [0, 1, 2]
+    config.pipeline.seeds = (0, 1, 2)
     if arg == "quick":
-        config.pipeline.seeds = [0]
+        config.pipeline.seeds = (0,)
         config.train.num_epochs = 2
     elif arg:
         raise ValueError(f"configs/demo.py takes no argument or 'quick', got {arg!r}")

@@ -71,9 +71,9 @@ def default_config() -> ml_collections.ConfigDict:
     # changes to config.model, optional "checkpoint" to use instead of training one}.
     config.teachers = []
     config.pipeline = ml_collections.ConfigDict()
-    config.pipeline.seeds = [0, 1, 2]  # student seeds (paper tables: mean ± std over seeds)
+    config.pipeline.seeds = (0, 1, 2)  # student seeds (paper tables: mean ± std over seeds)
     config.pipeline.teacher_seed = 0
-    config.pipeline.stages = list(PIPELINE_STAGES)
+    config.pipeline.stages = PIPELINE_STAGES
     return config
 
 

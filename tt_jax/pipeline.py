@@ -22,7 +22,7 @@ from absl import logging
 
 from tt_jax import reporting, train
 from tt_jax.config import ConfigError, check_config
-from tt_jax.trained import read_results
+from tt_jax.trained import checked_workdir, read_results
 
 STUDENT_TEACHTEXT = "student_teachtext"
 STUDENT_BASELINE = "student_baseline"
@@ -124,7 +124,7 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
     """Runs the selected stages and writes the report; returns {model: {split: {seed: metrics}},
     "num_parameters"} of every finished run (the input of `tt_jax.reporting.write_report`)."""
     config = check_config(config)
-    workdir = pathlib.Path(workdir)
+    workdir = checked_workdir(workdir)
     stages = set(config.pipeline.stages)
     if STUDENT_TEACHTEXT in stages and not config.teachers and not config.distillation.precomputed_teachers:
         raise ConfigError(

@@ -45,6 +45,7 @@ from tt_jax.train_state import TrainState, abstract_train_state, create_train_st
 from tt_jax.trained import (
     RESULTS_FILE,
     RunDirectoryError,
+    checked_workdir,
     load_trained,
     model_config_of,
     read_results,
@@ -231,7 +232,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
     {"val": best validation metrics, "test": test metrics of that checkpoint (if the data has a
     test split), "best_epoch", "best_step", "num_parameters", "num_epochs", "train_seconds"}."""
     config = check_config(config)
-    workdir = pathlib.Path(workdir)
+    workdir = checked_workdir(workdir)
     finished = read_results(workdir)
     if finished is not None and finished.get("num_epochs") == config.train.num_epochs:
         if finished.get("fingerprint") != run_fingerprint(config):

@@ -44,6 +44,16 @@ class TrainedModel:
     meta: dict  # the checkpoint's step, sampler position and validation metrics
 
 
+def checked_workdir(workdir) -> pathlib.Path:
+    """The workdir as a path; URLs are refused, since run files are written with plain file calls."""
+    if "://" in str(workdir):
+        raise RunDirectoryError(
+            f"workdir {workdir} is a URL; give a directory path (on a pod, one every host sees, e.g. a "
+            "bucket mounted with gcsfuse)"
+        )
+    return pathlib.Path(workdir)
+
+
 def model_config_of(config: Any) -> ModelConfig:
     return as_model_config(config.model)
 
