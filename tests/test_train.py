@@ -244,3 +244,10 @@ def test_sigterm_saves_exits_cleanly_and_the_run_resumes(uninterrupted, tmp_path
     assert latest_steps(tmp_path / "student_baseline" / "seed_0")[-1] >= 3
     run_to_end(tmp_path)
     assert_same_run(tmp_path, uninterrupted)
+
+
+def test_validation_every_n_epochs_and_after_the_last(tmp_path):
+    results = train.train_and_evaluate(baseline_config(eval_every_epochs=2), tmp_path)
+    assert [row["epoch"] for row in read_jsonl(tmp_path / "metrics.jsonl") if "epoch" in row] == [2, 3]
+    assert results["best_epoch"] in (2, 3)
+    assert latest_steps(tmp_path) == [12]

@@ -51,7 +51,10 @@ def default_config() -> ml_collections.ConfigDict:
     config.train.margin = 0.09381161988446174  # base_config.json MaxMarginRankingLoss margin
     config.train.fix_norm = True
     config.train.log_every_steps = 50
-    config.train.checkpoint_every_steps = 0  # 0: save `latest` only at the end of every epoch
+    # Validation, the best-model choice and the `latest` checkpoint happen every this many epochs
+    # (and after the last one); the reference validates after every epoch.
+    config.train.eval_every_epochs = 1
+    config.train.checkpoint_every_steps = 0  # 0: save `latest` only when validating
     config.train.eval_chunk_videos = 256
     # "default" keeps XLA's default (TF32/bf16 passes on some accelerators); "highest" asks for
     # full float32 matmuls, to compare GPU runs with CPU runs or the reference.
@@ -105,6 +108,11 @@ def check_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
     stages = [stage for stage in merged.pipeline.stages if stage not in PIPELINE_STAGES]
     if stages:
         raise ConfigError(f"unknown pipeline stages {stages}; valid stages are {list(PIPELINE_STAGES)}")
+    if merged.train.eval_every_epochs < 1 or merged.train.num_epochs < 1:
+        raise ConfigError(
+            f"train.num_epochs and train.eval_every_epochs must be at least 1, got "
+            f"{merged.train.num_epochs} and {merged.train.eval_every_epochs}"
+        )
     if not merged.model:
         raise ConfigError("config.model is empty: describe the student (see configs/demo.py)")
     return merged

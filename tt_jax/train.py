@@ -342,6 +342,8 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
                         last_saved = global_step
                 if pending is not None:
                     _check_finite(pending, global_step, last_saved, workdir)
+                if (epoch + 1) % train_config.eval_every_epochs and epoch + 1 != train_config.num_epochs:
+                    continue
 
                 val = validate()
                 gmean = val["t2v"][SELECTION_METRIC]
