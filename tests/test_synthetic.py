@@ -180,7 +180,9 @@ def test_richer_text_embeddings_retrieve_better(seed):
     "options, message",
     [
         ({"text": {"w2v": {"dim": 8, "quality": 0.0}}}, "quality in \\(0, 1\\]"),
-        ({"text": {"w2v": {"dim": 8}}}, "exactly keys 'dim' and 'quality'"),
+        ({"text": {"w2v": {"dim": 8}}}, "needs keys 'dim' and 'quality'"),
+        ({"text": {"w2v": {"dim": 8, "quality": 0.5, "noise": 1.0}}}, "optionally 'token_noise'"),
+        ({"text": {"w2v": {"dim": 8, "quality": 0.5, "token_noise": -1.0}}}, "token_noise must be non-negative"),
         ({"text": {}}, "at least one embedding"),
         ({"missing_rate": 1.0}, "missing_rate must lie in"),
         ({"min_text_tokens": 9}, "exceeds max_text_tokens"),
@@ -203,3 +205,18 @@ def test_make_synthetic_split_keeps_its_padded_layout():
     assert np.all(np.isfinite(split.text)) and all(np.all(np.isfinite(f)) for f in split.experts.values())
     tokens = np.any(split.text != 0, axis=-1).sum(axis=-1)
     assert tokens.min() >= 2 and tokens.max() <= 6
+
+
+def test_an_embedding_can_have_its_own_token_noise():
+    config = {"experts": [{"name": "scene", "input_dim": 6}], "text_dim": 4, "text_vlad_clusters": 1, "text_max_tokens": 3}
+    common = dict(num_train_videos=20, num_val_videos=0, num_test_videos=0, captions_per_video=2, seed=0,
+                  min_text_tokens=3, caption_noise=0.0)
+    clean = {"a": {"dim": 4, "quality": 1.0, "token_noise": 0.0}}
+    store = make_synthetic_dataset(config, text_embeddings=clean, **common)["train"]
+    tokens = store.text["a"].padded(np.arange(20), np.zeros((20, 1), int), 3)
+    # Without token noise every token of a caption is the same vector.
+    np.testing.assert_allclose(tokens[:, 0, 1:], np.broadcast_to(tokens[:, 0, :1], tokens[:, 0, 1:].shape), atol=1e-6)
+    noisy = {"a": {"dim": 4, "quality": 1.0, "token_noise": 0.5}}
+    tokens = make_synthetic_dataset(config, text_embeddings=noisy, **common)["train"].text["a"].padded(
+        np.arange(20), np.zeros((20, 1), int), 3)
+    assert 0.3 < np.std(tokens[:, 0, 1:] - tokens[:, 0, :1]) / np.sqrt(2) < 0.7
