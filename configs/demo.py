@@ -10,15 +10,12 @@ NetVLAD); sizes are shrunk to run on a laptop.
 import ml_collections
 
 from tt_jax.config import default_config
+from tt_jax.data.synthetic import TEACHTEXT_TEXT_EMBEDDINGS
 
 # Three text embeddings in the roles of TeachText's. Every one sees the whole concept; quality
 # sets how much per-caption nuisance hides it, token_noise each one's own per-token noise: the
 # student's w2v stand-in is the noisiest, the fine-tuned gpt2-xl stand-in the cleanest.
-TEXT_EMBEDDINGS = {
-    "w2v": {"dim": 128, "quality": 0.3, "token_noise": 1.0},
-    "gpt2-xl": {"dim": 64, "quality": 0.7, "token_noise": 0.3},
-    "gpt2-xl-finetune": {"dim": 64, "quality": 1.0, "token_noise": 0.1},
-}
+TEXT_EMBEDDINGS = TEACHTEXT_TEXT_EMBEDDINGS
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -128,6 +128,9 @@ class Checkpointer:
                 # Temporary directories left by a killed save are never restored; remove them.
                 cleanup_tmp_directories=True,
                 enable_async_checkpointing=True,
+                # Orbax names its cross-process barriers by step: without a prefix, `latest` and
+                # `best` saving the same step at once on a pod would meet at each other's barriers.
+                multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name),
             )
             return ocp.CheckpointManager(self.directory / name, options=options, item_names=(_STATE, _META))
 

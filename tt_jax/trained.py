@@ -110,7 +110,7 @@ def load_trained(workdir, *, checkpoint: str = "best") -> TrainedModel:
     config = read_run_config(workdir)
     model = build_model(model_config_of(config))
     abstract = abstract_train_state(
-        model, run_optimizer(config.train, steps_per_epoch=1), jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        model, run_optimizer(config.train, steps_per_epoch=1), jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     )
     with Checkpointer(workdir, fingerprint=run_fingerprint(config)) as checkpointer:
         restore = checkpointer.restore_best if checkpoint == "best" else checkpointer.restore_latest

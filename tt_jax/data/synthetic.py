@@ -9,28 +9,24 @@ A small generative "world" stands in for videos, captions and feature extractors
   fraction of videos (zero rows, availability 0).
 * Every caption has a latent `z = c + caption_noise * noise`: captions are noisy views of their video.
 * A text embedding of quality q in (0, 1] turns a caption into tokens: a fixed random projection of
-  `z` restricted to the first ceil(L * (1 + q) / 2) directions of a fixed random basis (shared by
-  all embeddings, so a richer embedding sees everything a poorer one sees), scaled by sqrt(q); plus
-  a nuisance vector of the caption (its wording as that embedding encodes it), N(0, (1 - q) I) in
-  token space and the same for every token of the caption; plus independent noise per token.
-  Token counts vary per caption and per embedding (tokenisers differ).
+  `z` to its D_t token dims, scaled by sqrt(q); plus a nuisance vector of the caption (its wording
+  as that embedding encodes it), N(0, (1 - q) I) and the same for every token of the caption; plus
+  independent noise per token (std `token_noise`, or the embedding's own "token_noise"). Token
+  counts vary per caption and per embedding (tokenisers differ). Every embedding sees all L concept
+  directions: quality only sets how much nuisance hides them (with hide_directions=True a poorer
+  embedding also loses directions: it sees only the first ceil(L (1 + q) / 2) of a basis shared by
+  all embeddings).
 
-With hide_directions=False every embedding sees the whole concept and its quality only sets
-the nuisance; each embedding may also carry its own per-token noise. That is the demo's world
-(configs/demo.py): with 150 training videos the student reading the noisiest embedding gains
-about 4 test t2v geometric-mean points from distillation (3 seeds each, about 4 seed standard
-deviations), while the gap stays within noise with the default hidden directions described next.
-
-Why this shape: a poor embedding (w2v-like, low q) loses a few concept directions but mostly hides
-the concept behind nuisance that pooling over tokens cannot remove, so a model reading it is
-limited by how well it learns to suppress the nuisance from few training pairs (it overfits: with
-300 training videos a CE student's train R@1 is several times its test R@1) rather than only by
-what its input contains. That leaves room for teachers that read richer embeddings, whose
-similarity matrices rank pairs by the concept, to improve the student. Measured with a small CE
-model and the reference loss (ranking + Huber on the teachers' mean similarity, weight 1), the
-teachers are far better than the student (test R@1 about 22 and 32 against 11 with 300 training
-videos), while distillation moved the student by at most about +1 to +3 R@1, within run-to-run
-noise: the data makes the teacher-student gap clear, not a distillation gain certain.
+The default embeddings (TEACHTEXT_TEXT_EMBEDDINGS) play TeachText's roles: a w2v-like one (q 0.3,
+wide, noisy tokens) that the student reads, and gpt2-xl-like ones (q 0.7 and 1.0, cleaner tokens)
+that the teachers read. Why this shape: the student's text holds the whole concept, so what it
+lacks is not information but enough training pairs to learn to read the concept through the
+nuisance. With few training videos (the demo trains on 150) the ranking loss soon separates every
+training pair and stops teaching, while the teachers' similarity matrix, which the student's input
+can in principle reproduce, keeps pulling every one of the B^2 entries towards concept similarity:
+that is where distillation pays (README: the demo's table, reproduced by `python -m tt_jax.main`).
+When a poorer embedding also loses concept directions (hide_directions=True), the student cannot
+see part of what the teachers see and distillation gains little; the demo does not use that world.
 """
 
 from __future__ import annotations
@@ -50,34 +46,17 @@ SPLIT_NAMES = ("train", "val", "test")
 
 # Three text embeddings in the roles of TeachText's: the poor w2v the student reads, gpt2-xl and the
 # fine-tuned gpt2-xl the teachers read. Dims are small stand-ins for 300 / 1600 / 1600; w2v is the
-# widest so that its nuisance has many directions to hide in (the student overfits it).
+# widest so that its nuisance has many directions to hide in (the student overfits it). The richer
+# an embedding, the less nuisance and the less per-token noise it carries.
 TEACHTEXT_TEXT_EMBEDDINGS = {
-    "w2v": {"dim": 128, "quality": 0.3},
-    "gpt2-xl": {"dim": 64, "quality": 0.7},
-    "gpt2-xl-finetune": {"dim": 64, "quality": 1.0},
+    "w2v": {"dim": 128, "quality": 0.3, "token_noise": 1.0},
+    "gpt2-xl": {"dim": 64, "quality": 0.7, "token_noise": 0.3},
+    "gpt2-xl-finetune": {"dim": 64, "quality": 1.0, "token_noise": 0.1},
 }
 
 
 class SyntheticDataError(UserInputError):
     """Synthetic data parameters that describe no dataset."""
-
-
-@dataclasses.dataclass(frozen=True)
-class RetrievalSplit:
-    """Features of V videos with K caption slots each, padded (numpy, host memory).
-
-    experts: name -> [V, ...] features (zero rows where missing); availability: name -> [V] 0/1;
-    text: [V, K, max_tokens, text_dim]; query_masks: [V, K] 1 for a real caption.
-    """
-
-    experts: dict
-    availability: dict
-    text: np.ndarray
-    query_masks: np.ndarray
-
-    @property
-    def num_videos(self) -> int:
-        return self.text.shape[0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,7 +120,7 @@ def _make_world(
     world_seed: int,
     latent_dim: int,
     num_topics: int,
-    hide_directions: bool = True,
+    hide_directions: bool = False,
 ) -> _World:
     basis, _ = np.linalg.qr(_rng(world_seed, "basis").normal(size=(latent_dim, latent_dim)))  # [L, L] orthonormal
     expert_projections = {
@@ -278,7 +257,7 @@ def make_synthetic_dataset(
     caption_noise: float = 0.5,
     expert_noise: float = 0.5,
     token_noise: float = 1.0,
-    hide_directions: bool = True,
+    hide_directions: bool = False,
     min_text_tokens: int = 2,
     max_text_tokens: Optional[int] = None,
 ) -> dict[str, FeatureStore]:
@@ -293,9 +272,10 @@ def make_synthetic_dataset(
     latent_dim, num_topics, topic_spread: the concept space L, its topic centres (0: no topics) and
       the share of a video's own variation against its topic's.
     hide_directions: whether an embedding of quality q sees only ceil(L (1 + q) / 2) of the L
-      concept directions (True) or all of them, its quality then only setting its nuisance (False).
+      concept directions (True) or all of them, its quality then only setting its nuisance (False,
+      the default: the world where distillation helps; see the module docstring).
     caption_noise, expert_noise, token_noise: stds of a caption's deviation from its video, of
-      expert features, and of each text token.
+      expert features, and of each text token (for embeddings without their own "token_noise").
     min_text_tokens, max_text_tokens: caption lengths in tokens, uniform in this range (default
       maximum: the config's text_max_tokens).
     missing_rate: fraction of videos a flaky expert is missing for (if every expert is flaky,
@@ -346,51 +326,3 @@ def make_synthetic_dataset(
         if num_videos > 0
     }
 
-
-def make_synthetic_split(
-    config: ModelConfig,
-    num_videos: int,
-    captions_per_video: int,
-    *,
-    seed: int,
-    latent_dim: int = 16,
-    text_noise: float = 0.5,
-    expert_noise: float = 0.5,
-    missing_rate: float = 0.3,
-    world_seed: int = 1234,
-) -> RetrievalSplit:
-    """One padded split read by `config`'s model: one full-quality text embedding of config.text_dim.
-
-    Concepts are independent (no topics), captions are exact views of their video, and each token
-    adds `text_noise`. Splits made with the same `world_seed` share the projections (same "world").
-    """
-    text_embeddings = {"text": {"dim": config.text_dim, "quality": 1.0}}
-    noise = dict(caption_noise=0.0, expert_noise=expert_noise, token_noise=text_noise)
-    _check_parameters(
-        text_embeddings,
-        captions_per_video=captions_per_video,
-        latent_dim=latent_dim,
-        max_text_tokens=config.text_max_tokens,
-        min_text_tokens=min(2, config.text_max_tokens),
-        missing_rate=missing_rate,
-        missing_caption_rate=0.0,
-        topic_spread=1.0,
-        **noise,
-    )
-    world = _make_world(config, text_embeddings, world_seed=world_seed, latent_dim=latent_dim, num_topics=0)
-    store = _make_split(
-        world,
-        text_embeddings,
-        split_key=(world_seed, "split", seed),
-        id_prefix="video-",
-        num_videos=num_videos,
-        captions_per_video=captions_per_video,
-        topic_spread=1.0,
-        missing_rate=missing_rate,
-        missing_caption_rate=0.0,
-        min_text_tokens=min(2, config.text_max_tokens),
-        max_text_tokens=config.text_max_tokens,
-        **noise,
-    )
-    experts, availability, text, query_masks = store.eval_inputs("text", config.text_max_tokens)
-    return RetrievalSplit(experts=experts, availability=availability, text=text, query_masks=query_masks)
