@@ -172,6 +172,17 @@ def test_batch_gathers_teacher_embeddings_of_the_sampled_captions():
     np.testing.assert_array_equal(gathered["text"]["scene"], [[[6, 7, 8]], [[3, 4, 5]]])
 
 
+def test_a_batch_carries_only_the_teachers_asked_for():
+    teacher = {"video": {"scene": np.ones((2, 3), np.float32)}, "text": {"scene": np.ones((2, 2, 3), np.float32)}}
+    store = small_store(teacher_embeddings={"w2v": teacher, "gpt2-xl": teacher})
+    args = (np.array([1, 0]), np.array([[0], [1]]))
+    assert set(store.batch(*args, text_names=["w2v"], max_text_tokens=2)["teacher_embeddings"]) == {"w2v", "gpt2-xl"}
+    assert set(store.batch(*args, text_names=["w2v"], max_text_tokens=2, teacher_names=["w2v"])["teacher_embeddings"]) == {"w2v"}
+    assert "teacher_embeddings" not in store.batch(*args, text_names=["w2v"], max_text_tokens=2, teacher_names=[])
+    with pytest.raises(FeatureStoreError, match=r"no precomputed teachers \['openai'\]"):
+        store.batch(*args, text_names=["w2v"], max_text_tokens=2, teacher_names=["openai"])
+
+
 def test_teacher_embeddings_with_the_wrong_caption_count_are_rejected():
     teacher = {"video": {"scene": np.ones((2, 3))}, "text": {"scene": np.ones((2, 1, 3))}}
     message = r"teacher_embeddings\['t'\]\['text'\]\['scene'\]: expected shape \(2, 2, 3\)"

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
 import sys
 
+import jax
+import numpy as np
 import pytest
 
 from test_train import REPO, TINY, read_jsonl, tiny_config
-from tt_jax import pipeline
+from tt_jax import interop, pipeline
 from tt_jax.config import ConfigError
-from tt_jax.trained import RunDirectoryError, read_results, read_run_config
+from tt_jax.trained import RunDirectoryError, load_trained, read_results, read_run_config
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +77,52 @@ def test_a_teacher_checkpoint_of_another_text_embedding_is_refused(recipe, tmp_p
         pipeline.run(config, tmp_path)
 
 
+def save_as_reference_checkpoint(run_dir, path, **extra) -> None:
+    """The best checkpoint of one of our runs, written as the reference writes its `.pth` files:
+    {"state_dict": {reference name: tensor}, ...} (base/base_trainer.py)."""
+    torch = pytest.importorskip("torch")
+    trained = load_trained(run_dir)
+    state_dict = interop.to_reference_state_dict(jax.device_get(trained.variables), trained.model.config)
+    torch.save({"state_dict": {name: torch.from_numpy(np.array(value)) for name, value in state_dict.items()},
+                "epoch": 3, **extra}, path)
+
+
+def reference_teacher_config(checkpoint, **entry):
+    config = tiny_config()
+    config.teachers = [dict(name="teacher_rich", text_embedding="rich", model=dict(text_dim=8),
+                            checkpoint=str(checkpoint), **entry)]
+    config.pipeline.seeds = (0,)
+    config.pipeline.stages = ("student_teachtext",)
+    return config
+
+
+def test_a_reference_pth_teacher_teaches_as_the_run_it_came_from(recipe, tmp_path):
+    """The same teacher weights read from a reference PyTorch checkpoint (through the converter)
+    instead of our run directory: the distilled student ends bit-for-bit the same."""
+    workdir, results = recipe
+    checkpoint = tmp_path / "teacher_rich.pth"
+    save_as_reference_checkpoint(workdir / "teachers" / "teacher_rich", checkpoint)
+    from_pth = pipeline.run(reference_teacher_config(checkpoint), tmp_path / "recipe")
+    assert from_pth["student_teachtext"]["test"][0] == results["student_teachtext"]["test"][0]
+    assert from_pth["student_teachtext"]["val"][0] == results["student_teachtext"]["val"][0]
+    ours = load_trained(workdir / "student_teachtext" / "seed_0").variables
+    theirs = load_trained(tmp_path / "recipe" / "student_teachtext" / "seed_0").variables
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(theirs), jax.device_get(ours))
+
+
+def test_a_reference_pth_that_pickles_objects_needs_trust(recipe, tmp_path):
+    """The reference also pickles its config object: refused unless the user trusts the file."""
+    workdir, _ = recipe
+    checkpoint = tmp_path / "teacher_rich.pth"
+    save_as_reference_checkpoint(workdir / "teachers" / "teacher_rich", checkpoint,
+                                 config=argparse.Namespace(seed=0))
+    with pytest.raises(interop.StateDictError, match="holds more than tensors.*trust_pickle=True"):
+        pipeline.run(reference_teacher_config(checkpoint), tmp_path / "refused")
+    config = reference_teacher_config(checkpoint, trust_pickle=True)
+    config.train.num_epochs = 1
+    assert set(pipeline.run(config, tmp_path / "trusted")) == {"student_teachtext"}
+
+
 def run_main(*args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     return subprocess.run(
@@ -91,8 +140,8 @@ def test_the_command_line_rejects_unknown_keys_with_the_valid_ones(tmp_path):
 
 
 def test_the_command_line_runs_a_stage_and_prints_the_report(tmp_path):
-    done = run_main(f"--config={TINY}:baseline", f"--workdir={tmp_path}", "--config.train.num_epochs=1")
+    done = run_main(f"--config={TINY}:baseline", f"--workdir={tmp_path}", "--config.num_epochs=1", "--config.seeds=3,")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "| student_baseline |" in done.stdout
     assert json.loads((tmp_path / "report.json").read_text())["models"].keys() == {"student_baseline"}
-    assert read_results(tmp_path / "student_baseline" / "seed_0")["num_epochs"] == 1
+    assert read_results(tmp_path / "student_baseline" / "seed_3")["num_epochs"] == 1  # the shortcuts took effect

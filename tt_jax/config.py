@@ -17,7 +17,12 @@ import ml_collections
 from tt_jax.errors import UserInputError
 
 # Keys whose values are free-form dicts or lists of dicts, checked by their consumers.
-_FREE_FORM = {"model", "data.synthetic", "teachers", "distillation.teachers"}
+_FREE_FORM = {"model", "data.synthetic", "data.expert_files", "teachers", "distillation.teachers"}
+
+# Top-level shortcuts for the settings most often changed on the command line
+# (`--config.data_dir=/data --config.num_epochs=5 --config.seeds=0,1`): when set, they replace
+# the nested keys they name.
+SHORTCUTS = {"data_dir": "data.data_dir", "num_epochs": "train.num_epochs", "seeds": "pipeline.seeds"}
 
 PIPELINE_STAGES = ("teachers", "student_teachtext", "student_baseline", "report")
 
@@ -29,14 +34,29 @@ class ConfigError(UserInputError):
 def default_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0  # the run's seed: initialisation and the sampler
+    config.data_dir = ml_collections.config_dict.placeholder(str)  # shortcut for data.data_dir
+    config.num_epochs = ml_collections.config_dict.placeholder(int)  # shortcut for train.num_epochs
+    config.seeds = ml_collections.config_dict.placeholder(tuple)  # shortcut for pipeline.seeds
 
     # The student (ModelConfig fields; see tt_jax/models/config.py).
     config.model = ml_collections.ConfigDict()
 
     config.data = ml_collections.ConfigDict()
-    config.data.source = "synthetic"
+    config.data.source = "synthetic"  # synthetic | release (a dataset of the feature releases)
     config.data.text_embedding = "w2v"  # the text embedding the student reads
     config.data.synthetic = ml_collections.ConfigDict()  # make_synthetic_dataset keyword arguments
+    # source "release" (tt_jax/data/release.py): <data_dir>/<dataset folder>/<root_feat_folder>/.
+    config.data.dataset = ""  # msrvtt | activitynet | didemo | msvd | lsmdc | vatex | queryd
+    config.data.data_dir = "data"  # the folder that holds the unpacked dataset folders
+    config.data.split = ""  # the dataset's split choice ("" = its default, e.g. MSRVTT "full")
+    config.data.root_feat_folder = ""  # "" = the dataset's (high-quality/structured-symlinks)
+    # Every text embedding the recipe reads (student and live teachers), loaded once for all its
+    # runs; empty: only data.text_embedding.
+    config.data.text_embeddings = ()
+    config.data.teachers = ()  # TeachText teacher files to load, by text embedding (precomputed teachers)
+    config.data.denoising = ""  # "" | less100 | less80: caption masks (and the less80 train list)
+    config.data.feature_dtype = "float32"  # float16 halves host memory
+    config.data.expert_files = {}  # {expert: file under the feature root} replacing the dataset's
     # Rank only each validation video's first caption, as the reference validates during training
     # on MSRVTT (num_test_captions: 1); the test split always uses every caption.
     config.data.val_first_caption_only = False
@@ -93,6 +113,17 @@ def _unknown_keys(config: Any, reference: Any, prefix: str) -> list[tuple[str, l
     return problems
 
 
+def _merge_into(target: ml_collections.ConfigDict, source: Any) -> None:
+    """`target.update(source)` by value: the shortcuts are placeholders (FieldReferences), which
+    ConfigDict.update refuses to copy from one config into another."""
+    for key in source.keys():
+        value = source[key]
+        if isinstance(value, ml_collections.ConfigDict) and isinstance(target.get(key), ml_collections.ConfigDict):
+            _merge_into(target[key], value)
+        else:
+            target[key] = value
+
+
 def check_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Returns `config` with every missing key filled from the defaults; raises ConfigError on an
     unknown key, naming the valid ones."""
@@ -104,7 +135,11 @@ def check_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
         raise ConfigError(f"unknown config key {path!r}{more}; valid keys there are {valid}")
     merged = reference
     with merged.unlocked():
-        merged.update(config)
+        _merge_into(merged, config)
+        for shortcut, dotted in SHORTCUTS.items():
+            if merged[shortcut] is not None:
+                group, key = dotted.split(".")
+                merged[group][key] = merged[shortcut]
     stages = [stage for stage in merged.pipeline.stages if stage not in PIPELINE_STAGES]
     if stages:
         raise ConfigError(f"unknown pipeline stages {stages}; valid stages are {list(PIPELINE_STAGES)}")

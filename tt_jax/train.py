@@ -261,6 +261,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
     model = build_model(model_config)
     teachers, teacher_variables = load_teachers(config, train_store)
     text_lengths = _text_lengths(model_config, text_name, teachers)
+    precomputed_names = [teacher.name for teacher in teachers if isinstance(teacher, PrecomputedTeacher)]
     options = ObjectiveOptions(
         margin=train_config.margin,
         fix_norm=train_config.fix_norm,
@@ -318,7 +319,10 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
                         config.seed, epoch, position.step, train_store.sampling_weights, train_config.batch_size,
                         process_index=jax.process_index(), process_count=jax.process_count(), multiple_of=devices,
                     )
-                    batch = train_store.batch(videos, captions, text_names=list(text_lengths), max_text_tokens=text_lengths)
+                    batch = train_store.batch(
+                        videos, captions, text_names=list(text_lengths), max_text_tokens=text_lengths,
+                        teacher_names=precomputed_names,
+                    )
                     state, scalars = step_fn(state, teacher_variables, parallel.global_batch_from_process_data(batch, mesh))
                     if pending is not None:
                         _check_finite(pending, global_step, last_saved, workdir)

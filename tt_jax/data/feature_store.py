@@ -327,11 +327,13 @@ class FeatureStore:
         *,
         text_names: Sequence[str],
         max_text_tokens: Union[int, Mapping[str, int]],
+        teacher_names: Optional[Sequence[str]] = None,
     ) -> dict:
         """The features of one batch (fresh float32 arrays; the store is never aliased).
 
         videos: [B] video rows; captions: [B, C] caption slots of each (C = 1 in TeachText training).
         max_text_tokens: the padded length, one for all text embeddings or one per name.
+        teacher_names: the precomputed teachers to include (default: every one the store holds).
         Returns {"experts": {e: [B, ...]}, "availability": {e: [B]}, "text": {name: [B, C, N, D]},
         and "teacher_embeddings": {t: {"video": {e: [B, D]}, "text": {e: [B, C, D]}}} if the store has them}.
         """
@@ -344,7 +346,13 @@ class FeatureStore:
             "availability": {name: present[videos] for name, present in self.availability.items()},
             "text": {name: self.text[name].padded(videos, captions, length) for name, length in lengths.items()},
         }
-        if self.teacher_embeddings is not None:
+        teachers = self.teacher_embeddings or {}
+        if teacher_names is not None:
+            unknown = [name for name in teacher_names if name not in teachers]
+            if unknown:
+                raise FeatureStoreError(f"no precomputed teachers {unknown}; the store holds {sorted(teachers)}")
+            teachers = {name: teachers[name] for name in teacher_names}
+        if teachers:
             result["teacher_embeddings"] = {
                 name: {
                     "video": {
@@ -355,7 +363,7 @@ class FeatureStore:
                         for e, emb in teacher["text"].items()
                     },
                 }
-                for name, teacher in self.teacher_embeddings.items()
+                for name, teacher in teachers.items()
             }
         return result
 
@@ -413,7 +421,7 @@ class FeatureStore:
                     f"{_list_some(self.video_ids[v] for v in videos)}; mark it flaky in the config or fix the data"
                 )
             features = self.experts[expert.name]
-            finite = np.isfinite(features.reshape(len(features), -1)).all(axis=1)
+            finite = _finite_rows(features)
             bad = np.flatnonzero(~finite & (present == 1))
             if bad.size:
                 raise FeatureStoreError(
@@ -428,8 +436,9 @@ class FeatureStore:
                 f"text {text_name!r}: the model expects {model_config.text_dim}-d tokens (text_dim), "
                 f"the store holds {table.dim}-d"
             )
-        if not np.all(np.isfinite(table.tokens)):
-            row = int(np.argmax(~np.isfinite(table.tokens).all(axis=1)))
+        finite = _finite_rows(table.tokens)
+        if not np.all(finite):
+            row = int(np.argmax(~finite))
             video = int(np.argmax(((table.starts <= row) & (row < table.starts + table.lengths)).any(axis=1)))
             raise FeatureStoreError(
                 f"NaN/inf in text {text_name!r} tokens (first in video {self.video_ids[video]!r})"
@@ -448,6 +457,16 @@ class FeatureStore:
                     f"{_list_some(self.video_ids[v] for v in unweighted)}, so no caption can be sampled "
                     "for them; remove them from the training split"
                 )
+
+
+def _finite_rows(array: np.ndarray, rows_per_block: int = 1 << 14) -> np.ndarray:
+    """[N] whether each row of `array` is all finite, checked in blocks: a whole-array
+    np.isfinite would allocate a mask a quarter the size of the largest feature table."""
+    flat = array.reshape(len(array), -1)
+    return np.concatenate(
+        [np.isfinite(flat[start : start + rows_per_block]).all(axis=1) for start in range(0, len(flat), rows_per_block)]
+        or [np.ones(0, bool)]
+    )
 
 
 def _zero_missing_rows(features: np.ndarray, present: np.ndarray, *, original) -> np.ndarray:

@@ -1,0 +1,126 @@
+"""Host memory and time to load an ActivityNet-sized feature release.
+
+    python benchmarks/release_loading_benchmark.py                 # 10,009 train + 4,917 val videos
+    python benchmarks/release_loading_benchmark.py --scale=0.1     # a tenth of the videos
+
+Writes a fake release in the real layout (`tt_jax.data.fake_release`) with ActivityNet's sizes:
+the CE+ experts at their reference dims (five fixed visual experts, VGGish audio and w2v speech
+cut to 4 and 29 tokens) and gpt2-xl-finetune paragraphs (1600-d tokens, 3 to 5 sentences of 8 to
+20 tokens: mostly longer than the 49 tokens kept). Each setting is then loaded by
+`read_release` in a fresh process, which reports its resident memory just before loading
+(Python, numpy, jax and the package) and its peak during loading (Linux VmHWM, reset before the
+load): "peak / features" is
+(peak - before) over the bytes of the arrays the stores hold, the cost of loading beyond the
+features themselves. Values are random; sizes and file structure are the release's.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import subprocess
+import sys
+import tempfile
+import time
+
+from absl import app, flags
+
+_SCALE = flags.DEFINE_float("scale", 1.0, "Fraction of ActivityNet's videos to write.")
+_DIR = flags.DEFINE_string("dir", "", "Where to write the release (default: a temporary folder, removed after).")
+
+TRAIN_VIDEOS, VAL_VIDEOS = 10_009, 4_917  # ActivityNet train_list.txt, val_1_list.txt
+
+
+def experts():
+    from tt_jax.models import ExpertConfig
+    from tt_jax.reference_recipes import FIXED_EXPERT_DIMS, REFINED_EXPERTS
+
+    # data_loader_activity-net.json: audio 6 clusters / 4 tokens, speech 100 clusters / 29 tokens.
+    vlad = {"audio": ExpertConfig("audio", 128, "vlad", 6, 4, True), "speech": ExpertConfig("speech", 300, "vlad", 100, 29, True)}
+    return tuple(vlad.get(name) or ExpertConfig(name, FIXED_EXPERT_DIMS[name]) for name in REFINED_EXPERTS)
+
+
+def _status_bytes(field: str) -> int:
+    """A memory figure of this process from Linux's /proc/self/status (VmRSS: now, VmHWM: peak)."""
+    for line in pathlib.Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status: this benchmark needs Linux")
+
+
+def load_in_this_process(data_dir: str, dtype: str) -> dict:
+    """Loads the release and returns the measurements (run in a child process)."""
+    from tt_jax.data.release import ReleaseRequest, read_release
+
+    pathlib.Path("/proc/self/clear_refs").write_text("5")  # resets the peak (VmHWM) to the current RSS
+    before = _status_bytes("VmRSS")
+    start = time.perf_counter()
+    stores = read_release(
+        ReleaseRequest(dataset="activitynet", data_dir=data_dir, experts=experts(),
+                       text_max_tokens={"gpt2-xl-finetune": 49}, feature_dtype=dtype)
+    )
+    seconds = time.perf_counter() - start
+    peak = _status_bytes("VmHWM")
+    arrays = {}
+    for store in {id(s): s for s in stores.values()}.values():
+        for array in [*store.experts.values(), *store.availability.values()]:
+            arrays[id(array)] = array.nbytes
+        for table in store.text.values():
+            for array in (table.tokens, table.starts, table.lengths):
+                arrays[id(array)] = array.nbytes
+    videos = {name: store.num_videos for name, store in stores.items()}
+    return dict(seconds=seconds, before=before, peak=peak, feature_bytes=sum(arrays.values()), videos=videos)
+
+
+def main(argv) -> None:
+    if len(argv) == 3 and argv[1] == "--child":
+        data_dir, dtype = json.loads(argv[2])
+        print(json.dumps(load_in_this_process(data_dir, dtype)))
+        return
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from tt_jax.data.fake_release import write_fake_release
+
+    scale = _SCALE.value
+    sizes = {"train": max(1, round(TRAIN_VIDEOS * scale)), "val": max(1, round(VAL_VIDEOS * scale)), "test": max(1, round(VAL_VIDEOS * scale))}
+    with tempfile.TemporaryDirectory(dir=_DIR.value or None) as data_dir:
+        start = time.perf_counter()
+        root = write_fake_release(
+            data_dir, "activitynet", experts=experts(), text_dims={"gpt2-xl-finetune": 1600},
+            num_videos=tuple(sizes.items()), captions_per_video=(3, 5), tokens_per_caption=(8, 20),
+            missing_rate=0.1, teachers=False,
+        )
+        write_seconds = time.perf_counter() - start
+        on_disk = sum(path.stat().st_size for path in pathlib.Path(root).rglob("*") if path.is_file())
+        rows = []
+        for dtype in ("float32", "float16"):
+            child = subprocess.run(
+                [sys.executable, __file__, "--child", json.dumps([data_dir, dtype])],
+                check=True, capture_output=True, text=True,
+            )
+            rows.append((dtype, json.loads(child.stdout.strip().splitlines()[-1])))
+
+    gib = 1024**3
+    print(
+        f"ActivityNet-sized release: {sizes['train']} train + {sizes['val']} val1 videos, {on_disk / gib:.2f} GiB "
+        f"of pickles (written in {write_seconds:.0f} s); CE+ experts and gpt2-xl-finetune text (49 tokens kept)\n"
+    )
+    header = f"{'storage':<8} {'features GiB':>12} {'before GiB':>10} {'peak GiB':>9} {'peak / features':>15} {'load s':>7}"
+    print(header)
+    print("-" * len(header))
+    for dtype, row in rows:
+        features = row["feature_bytes"]
+        ratio = (row["peak"] - row["before"]) / features
+        print(
+            f"{dtype:<8} {features / gib:>12.2f} {row['before'] / gib:>10.2f} {row['peak'] / gib:>9.2f} "
+            f"{ratio:>15.2f} {row['seconds']:>7.1f}"
+        )
+    print("\npeak / features: (peak resident memory - resident memory before loading) / bytes of the stored arrays "
+          "(target: at most 1.3).")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--child":
+        main(sys.argv)
+    else:
+        app.run(main)

@@ -1,0 +1,198 @@
+"""The reference's model variants on a feature-release dataset, as experiment configs.
+
+A dataset config (`configs/<dataset>.py`) states that dataset's numbers (`DatasetSettings`, each
+with its source) and calls `release_config(settings, arg)`, where `arg` is the part after the
+colon of `--config configs/<dataset>.py:<arg>`: comma-separated words choosing
+
+    the model      tt_ce_plus (default) | tt_ce | ce_plus | ce | moee
+    the teachers   live (default: trained by the recipe, run inside the student's step) |
+                   precomputed (the release's teacher files, as the reference)
+    denoising      less100 | less80 (caption masks; less80 also swaps the training list)
+    the split      any of the dataset's split choices (MSRVTT: full, jsfusion, miech)
+
+Variants (`teachtext_ce_spec.md` section 6; configs/<ds>/*.json of the reference):
+  moee        MoEE: the CE experts and text feature, no collaborative gating;
+  ce          CE: 9 experts (MSVD 7), openai text (the original CE tars), Ranger;
+  ce_plus     CE+: the 7 "refined" experts, gpt2-xl-finetune text, RAdam lr 1e-3 wd 1e-5;
+  tt_ce(_plus) the same student distilled from the three TeachText teachers, CE models reading
+              w2v, gpt2-xl and gpt2-xl-finetune. The release's teachers use the refined experts;
+              live teachers use the student's (the same set for tt_ce_plus), so that one copy of
+              the features serves every model of the recipe.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping, Optional
+
+import ml_collections
+
+from tt_jax.config import default_config
+from tt_jax.data.release_layout import DATASETS, DENOISING, TEACHER_FILES
+from tt_jax.interop.reference_config import TEXT_EMBEDDING_DIMS, VLAD_EXPERT_TOKEN_DIMS
+
+MODELS = ("tt_ce_plus", "tt_ce", "ce_plus", "ce", "moee")
+TEACHER_SOURCES = ("live", "precomputed")
+
+# Input dims of the fixed experts: feat_aggregation feat_dims["embed"] in base_config.json.
+FIXED_EXPERT_DIMS = {
+    "imagenet.resnext101_32x48d.0": 2048,
+    "imagenet.senet154.0": 2048,
+    "r2p1d.r2p1d-ig65m.0": 512,
+    "r2p1d.r2p1d-ig65m-kinetics.0": 512,
+    "scene.densenet161.0": 2208,
+    "i3d.i3d.0": 1024,
+}
+FLAKY_EXPERTS = ("audio", "speech", "ocr", "face")  # base_config.json feat_aggregation "flaky": true
+# The refined expert set of configs/<ds>/train-full-ce-refined.json: CE+ students and the teachers.
+REFINED_EXPERTS = (
+    "audio",
+    "imagenet.resnext101_32x48d.0",
+    "imagenet.senet154.0",
+    "r2p1d.r2p1d-ig65m-kinetics.0",
+    "r2p1d.r2p1d-ig65m.0",
+    "scene.densenet161.0",
+    "speech",
+)
+# The CE expert set of the data_loader_<ds>.json configs.
+CE_EXPERTS = (
+    "audio",
+    "face",
+    "i3d.i3d.0",
+    "imagenet.resnext101_32x48d.0",
+    "imagenet.senet154.0",
+    "ocr",
+    "r2p1d.r2p1d-ig65m.0",
+    "scene.densenet161.0",
+    "speech",
+)
+CE_PLUS_TEXT = "gpt2-xl-finetune"  # text_feat of the *-gpt2-xl-finetuned-* configs
+CE_PLUS_OPTIMIZER = ("radam", 1e-3, 1e-5)  # optimizer of the *-gpt2-xl-finetuned-* configs
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSettings:
+    """One dataset's reference numbers; each dataset config says where every one comes from."""
+
+    dataset: str  # a key of tt_jax.data.release_layout.DATASETS
+    batch_size: int
+    num_epochs: int
+    margin: float
+    text_vlad_clusters: int
+    text_ghost_clusters: int
+    max_text_tokens: int
+    vlad_clusters: Mapping[str, int]  # of the variable-length experts (audio, speech, ocr)
+    max_tokens: Mapping[str, int]  # of the variable-length experts
+    ce_optimizer: tuple[str, float, float]  # (name, lr, weight decay) of the CE / MoEE configs
+    ce_text: str = "openai"  # text_feat of the CE / MoEE configs
+    ce_experts: tuple[str, ...] = CE_EXPERTS
+    refined_experts: tuple[str, ...] = REFINED_EXPERTS
+    face_dim: int = 512  # experts.face_dim
+    val_first_caption_only: bool = False  # num_test_captions 1 during training (MSRVTT)
+    # Changes for the MoEE variant (only MSRVTT's train-full-moee.json has its own numbers):
+    # any of margin, text_vlad_clusters, text_ghost_clusters, max_text_tokens, vlad_clusters,
+    # max_tokens, include_self.
+    moee_changes: Mapping[str, object] = dataclasses.field(default_factory=dict)
+    expert_files: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+
+def _expert(name: str, settings: DatasetSettings, vlad_clusters, max_tokens) -> dict:
+    if name in VLAD_EXPERT_TOKEN_DIMS:
+        return dict(
+            name=name,
+            input_dim=VLAD_EXPERT_TOKEN_DIMS[name],
+            temporal="vlad",
+            vlad_clusters=int(vlad_clusters[name]),
+            max_tokens=int(max_tokens[name]),
+            flaky=name in FLAKY_EXPERTS,
+        )
+    input_dim = settings.face_dim if name == "face" else FIXED_EXPERT_DIMS[name]
+    return dict(name=name, input_dim=input_dim, flaky=name in FLAKY_EXPERTS)
+
+
+def _parse(arg: Optional[str], settings: DatasetSettings) -> dict:
+    layout = DATASETS[settings.dataset]
+    choice = {"model": "tt_ce_plus", "teachers": "live", "denoising": "", "split": layout.default_split}
+    for word in [w.strip() for w in (arg or "").split(",") if w.strip()]:
+        if word in MODELS:
+            choice["model"] = word
+        elif word in TEACHER_SOURCES:
+            choice["teachers"] = word
+        elif word in DENOISING:
+            choice["denoising"] = word
+        elif word in layout.splits:
+            choice["split"] = word
+        else:
+            raise ValueError(
+                f"configs/{settings.dataset}.py: unknown variant {word!r}; choose from models {list(MODELS)}, "
+                f"teachers {list(TEACHER_SOURCES)}, denoising {list(DENOISING)}, splits {list(layout.splits)}"
+            )
+    return choice
+
+
+def release_config(settings: DatasetSettings, arg: Optional[str] = None) -> ml_collections.ConfigDict:
+    """The experiment config of `settings`' dataset for the variant `arg` (see module docstring)."""
+    choice = _parse(arg, settings)
+    model_name = choice["model"]
+    plus = model_name in ("tt_ce_plus", "ce_plus")
+    distilled = model_name.startswith("tt_")
+    numbers = dict(
+        margin=settings.margin,
+        text_vlad_clusters=settings.text_vlad_clusters,
+        text_ghost_clusters=settings.text_ghost_clusters,
+        max_text_tokens=settings.max_text_tokens,
+        vlad_clusters=settings.vlad_clusters,
+        max_tokens=settings.max_tokens,
+        include_self=True,
+    )
+    if model_name == "moee":
+        numbers.update(settings.moee_changes)
+    experts = settings.refined_experts if plus else settings.ce_experts
+    text_name = CE_PLUS_TEXT if plus else settings.ce_text
+
+    config = default_config()
+    config.model = ml_collections.ConfigDict(
+        dict(
+            experts=[_expert(name, settings, numbers["vlad_clusters"], numbers["max_tokens"]) for name in experts],
+            text_dim=TEXT_EMBEDDING_DIMS[text_name],
+            text_vlad_clusters=numbers["text_vlad_clusters"],
+            text_ghost_clusters=numbers["text_ghost_clusters"],
+            text_max_tokens=numbers["max_text_tokens"],
+            shared_dim=768,  # base_config.json ce_shared_dim
+            collaborative_gating=model_name != "moee",
+            include_self=bool(numbers["include_self"]),
+        )
+    )
+    config.data.source = "release"
+    config.data.dataset = settings.dataset
+    config.data.split = choice["split"]
+    config.data.text_embedding = text_name
+    config.data.denoising = choice["denoising"]
+    config.data.val_first_caption_only = settings.val_first_caption_only
+    config.data.expert_files = dict(settings.expert_files)
+
+    optimizer, learning_rate, weight_decay = CE_PLUS_OPTIMIZER if plus else settings.ce_optimizer
+    config.train.optimizer = optimizer
+    config.train.learning_rate = learning_rate
+    config.train.weight_decay = weight_decay
+    config.train.batch_size = settings.batch_size
+    config.train.num_epochs = settings.num_epochs
+    config.train.margin = numbers["margin"]
+    config.train.lr_decay_gamma = 0.95  # base_config.json StepLR(step_size=1, gamma=0.95)
+
+    config.data.text_embeddings = (text_name,)
+    if distilled and choice["teachers"] == "live":
+        # The teachers: CE models of the student's experts (for tt_ce_plus the refined ones, as the
+        # release's teachers), one per text embedding, trained by the recipe (pipeline stage
+        # "teachers") when their checkpoints are absent.
+        config.teachers = [
+            dict(name=f"teacher_{embedding}", text_embedding=embedding, model=dict(text_dim=TEXT_EMBEDDING_DIMS[embedding]))
+            for embedding in TEACHER_FILES
+        ]
+        config.data.text_embeddings = tuple(sorted({text_name, *TEACHER_FILES}))
+    elif distilled:
+        config.data.teachers = tuple(TEACHER_FILES)
+        config.distillation.precomputed_teachers = list(TEACHER_FILES)
+    if not distilled:
+        config.pipeline.stages = ("student_baseline", "report")
+    return config
