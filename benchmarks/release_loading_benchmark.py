@@ -11,7 +11,8 @@ cut to 4 and 29 tokens) and gpt2-xl-finetune paragraphs (1600-d tokens, 3 to 5 s
 (Python, numpy, jax and the package) and its peak during loading (Linux VmHWM, reset before the
 load): "peak / features" is
 (peak - before) over the bytes of the arrays the stores hold, the cost of loading beyond the
-features themselves. Values are random; sizes and file structure are the release's.
+features themselves. With the tfds extra installed, a third row loads the same data from its
+prepared (TFDS ArrayRecord) copy. Values are random; sizes and file structure are the release's.
 """
 
 from __future__ import annotations
@@ -48,17 +49,27 @@ def _status_bytes(field: str) -> int:
     raise RuntimeError(f"no {field} in /proc/self/status: this benchmark needs Linux")
 
 
-def load_in_this_process(data_dir: str, dtype: str) -> dict:
-    """Loads the release and returns the measurements (run in a child process)."""
-    from tt_jax.data.release import ReleaseRequest, read_release
+def request(data_dir: str, dtype: str):
+    from tt_jax.data.release import ReleaseRequest
+
+    return ReleaseRequest(dataset="activitynet", data_dir=data_dir, experts=experts(),
+                          text_max_tokens={"gpt2-xl-finetune": 49}, feature_dtype=dtype)
+
+
+def load_in_this_process(data_dir: str, dtype: str, tfds_dir: str) -> dict:
+    """Loads the release (or its prepared copy in tfds_dir) and returns the measurements (run in a
+    child process)."""
+    from tt_jax.data.release import read_release
 
     pathlib.Path("/proc/self/clear_refs").write_text("5")  # resets the peak (VmHWM) to the current RSS
     before = _status_bytes("VmRSS")
     start = time.perf_counter()
-    stores = read_release(
-        ReleaseRequest(dataset="activitynet", data_dir=data_dir, experts=experts(),
-                       text_max_tokens={"gpt2-xl-finetune": 49}, feature_dtype=dtype)
-    )
+    if tfds_dir:
+        from tt_jax.data.prepared import load_prepared
+
+        stores = load_prepared(request(data_dir, dtype), tfds_dir)
+    else:
+        stores = read_release(request(data_dir, dtype))
     seconds = time.perf_counter() - start
     peak = _status_bytes("VmHWM")
     arrays = {}
@@ -74,8 +85,7 @@ def load_in_this_process(data_dir: str, dtype: str) -> dict:
 
 def main(argv) -> None:
     if len(argv) == 3 and argv[1] == "--child":
-        data_dir, dtype = json.loads(argv[2])
-        print(json.dumps(load_in_this_process(data_dir, dtype)))
+        print(json.dumps(load_in_this_process(*json.loads(argv[2]))))
         return
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -92,29 +102,43 @@ def main(argv) -> None:
         )
         write_seconds = time.perf_counter() - start
         on_disk = sum(path.stat().st_size for path in pathlib.Path(root).rglob("*") if path.is_file())
+        settings = [("pickles", "float32", ""), ("pickles", "float16", "")]
+        prepare_seconds = None
+        try:
+            from tt_jax.data.prepared import prepare_release
+        except ImportError:
+            print("tensorflow-datasets is not installed: no prepared-copy row", file=sys.stderr)
+        else:
+            start = time.perf_counter()
+            prepare_release(request(data_dir, "float32"), f"{data_dir}/tfds")
+            prepare_seconds = time.perf_counter() - start
+            settings.append(("prepared", "float32", f"{data_dir}/tfds"))
         rows = []
-        for dtype in ("float32", "float16"):
+        for source, dtype, tfds_dir in settings:
             child = subprocess.run(
-                [sys.executable, __file__, "--child", json.dumps([data_dir, dtype])],
+                [sys.executable, __file__, "--child", json.dumps([data_dir, dtype, tfds_dir])],
                 check=True, capture_output=True, text=True,
             )
-            rows.append((dtype, json.loads(child.stdout.strip().splitlines()[-1])))
+            rows.append((source, dtype, json.loads(child.stdout.strip().splitlines()[-1])))
 
     gib = 1024**3
     print(
         f"ActivityNet-sized release: {sizes['train']} train + {sizes['val']} val1 videos, {on_disk / gib:.2f} GiB "
         f"of pickles (written in {write_seconds:.0f} s); CE+ experts and gpt2-xl-finetune text (49 tokens kept)\n"
     )
-    header = f"{'storage':<8} {'features GiB':>12} {'before GiB':>10} {'peak GiB':>9} {'peak / features':>15} {'load s':>7}"
+    header = (f"{'source':<9} {'storage':<8} {'features GiB':>12} {'before GiB':>10} {'peak GiB':>9} "
+              f"{'peak / features':>15} {'load s':>7}")
     print(header)
     print("-" * len(header))
-    for dtype, row in rows:
+    for source, dtype, row in rows:
         features = row["feature_bytes"]
         ratio = (row["peak"] - row["before"]) / features
         print(
-            f"{dtype:<8} {features / gib:>12.2f} {row['before'] / gib:>10.2f} {row['peak'] / gib:>9.2f} "
+            f"{source:<9} {dtype:<8} {features / gib:>12.2f} {row['before'] / gib:>10.2f} {row['peak'] / gib:>9.2f} "
             f"{ratio:>15.2f} {row['seconds']:>7.1f}"
         )
+    if prepare_seconds is not None:
+        print(f"\nprepared: the release converted once by tt_jax.prepare ({prepare_seconds:.0f} s), read from ArrayRecord.")
     print("\npeak / features: (peak resident memory - resident memory before loading) / bytes of the stored arrays "
           "(target: at most 1.3).")
 

@@ -31,7 +31,7 @@ usage() {
 usage: $(basename "$0") create | setup | run [tt_jax.main flags ...] | delete
 
   create  gcloud compute tpus tpu-vm create \$TPU_NAME (\$ACCELERATOR_TYPE, \$RUNTIME_VERSION, \$ZONE)
-  setup   copy the repository to every host and pip install it with jax[tpu] into a venv
+  setup   copy the repository to every host and pip install it (with jax[tpu] and the tfds extra) into a venv
   run     python -m tt_jax.main --config \$CONFIG --workdir \$WORKDIR on every host
   delete  delete the TPU VM
 
@@ -71,7 +71,7 @@ setup() {
     cd ~/$REMOTE_DIR
     [[ -x .venv/bin/python ]] || $python -m venv .venv
     .venv/bin/pip install -q --upgrade pip
-    .venv/bin/pip install -q -e . 'jax[tpu]'"
+    .venv/bin/pip install -q -e '.[tfds]' 'jax[tpu]'"  # tfds: read prepared datasets
 }
 
 run() {

@@ -355,6 +355,12 @@ def test_unknown_dataset_split_and_hickle_audio(release, tmp_path):
         config.data.expert_files = {}
     with pytest.raises(ReleaseError, match=r"vggish-raw\.hickle is an HDF5 \(hickle\) file"):
         load_splits(config.data, config.model)
+    (tmp_path / "q" / "QuerYD" / "structured-symlinks" / "aggregated_audio" / "vggish-raw.pickle").unlink()
+    with config.unlocked():
+        config.data.expert_files = {"audio": "aggregated_audio/vggish-raw.pickle"}
+    with pytest.raises(ReleaseError, match=r"vggish-raw\.pickle does not exist: the release ships expert 'audio' as "
+                                           r"aggregated_audio/vggish-raw\.hickle, which is an HDF5"):
+        load_splits(config.data, config.model)
 
 
 def test_unknown_config_variants_are_refused():

@@ -42,7 +42,7 @@ def default_config() -> ml_collections.ConfigDict:
     config.model = ml_collections.ConfigDict()
 
     config.data = ml_collections.ConfigDict()
-    config.data.source = "synthetic"  # synthetic | release (a dataset of the feature releases)
+    config.data.source = "synthetic"  # synthetic | release (a dataset of the feature releases) | tfds
     config.data.text_embedding = "w2v"  # the text embedding the student reads
     config.data.synthetic = ml_collections.ConfigDict()  # make_synthetic_dataset keyword arguments
     # source "release" (tt_jax/data/release.py): <data_dir>/<dataset folder>/<root_feat_folder>/.
@@ -57,6 +57,8 @@ def default_config() -> ml_collections.ConfigDict:
     config.data.denoising = ""  # "" | less100 | less80: caption masks (and the less80 train list)
     config.data.feature_dtype = "float32"  # float16 halves host memory
     config.data.expert_files = {}  # {expert: file under the feature root} replacing the dataset's
+    # source "tfds": the folder holding the release prepared by `python -m tt_jax.prepare`.
+    config.data.tfds_dir = ""
     # Rank only each validation video's first caption, as the reference validates during training
     # on MSRVTT (num_test_captions: 1); the test split always uses every caption.
     config.data.val_first_caption_only = False

@@ -27,6 +27,7 @@ import ctypes
 import ctypes.util
 import dataclasses
 import functools
+import json
 import pathlib
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
@@ -75,6 +76,19 @@ class ReleaseRequest:
     denoising: Optional[str] = None
     feature_dtype: str = "float32"
     expert_files: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+    def to_json(self) -> str:
+        """The request as canonical JSON (a cache key; `from_json` reads it back)."""
+        fields = dataclasses.asdict(self)
+        fields["experts"] = [dataclasses.asdict(expert) for expert in self.experts]
+        return json.dumps(fields, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ReleaseRequest":
+        fields = json.loads(text)
+        fields["experts"] = tuple(ExpertConfig(**expert) for expert in fields["experts"])
+        fields["precomputed_teachers"] = tuple(fields["precomputed_teachers"])
+        return cls(**fields)
 
     @property
     def layout(self) -> DatasetLayout:
@@ -207,6 +221,9 @@ def _expert_features(
             f"{sorted(request.layout.expert_files)} (or name one with --config.data.expert_files)"
         )
     path = request.root / relative
+    shipped = request.layout.expert_files.get(expert.name, "")
+    if shipped.endswith(".hickle") and relative != shipped and not path.exists():
+        raise ReleaseError(f"{path} does not exist: the release ships expert {expert.name!r} as {shipped}, which {HICKLE_NOTE}")
     table = _as_mapping(_read_pickle(request, relative), path, "feature array")
     absent = sorted({v for ids in lists for v in ids if v not in table})
     if absent and not expert.flaky:
