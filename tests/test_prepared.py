@@ -15,6 +15,7 @@ from test_release import REPO, dataset_config, shrunk, write_release_for
 from tt_jax.data.sources import load_splits, release_request
 
 pytest.importorskip("tensorflow_datasets")
+from tt_jax.data import prepared  # noqa: E402
 from tt_jax.data.prepared import CHECKSUMS_FILE, PreparedDatasetError, load_prepared, prepare_release, prepared_dir  # noqa: E402
 
 
@@ -39,25 +40,34 @@ def assert_same_store(prepared, pickled):
                 np.testing.assert_array_equal(prepared.teacher_embeddings[name][part][expert], array)
 
 
-@pytest.mark.parametrize("dataset, arg", [("msrvtt", "tt_ce_plus,precomputed,less100"), ("activitynet", None)])
-def test_a_prepared_release_gives_the_same_stores_and_batches(dataset, arg, tmp_path):
+@pytest.mark.parametrize(
+    "dataset, arg, part_bytes",
+    [("msrvtt", "tt_ce_plus,precomputed,less100", 1 << 29), ("activitynet", None, 1 << 29), ("msrvtt", None, 2000)],
+)
+def test_a_prepared_release_gives_the_same_stores_and_batches(dataset, arg, part_bytes, tmp_path, monkeypatch):
+    """part_bytes 2000 writes each split as several TFDS splits of a few videos each."""
+    monkeypatch.setattr(prepared, "PART_BYTES", part_bytes)
     config = shrunk(dataset_config(dataset, arg), tmp_path / "data")
     write_release_for(config, tmp_path / "data")
     pickled = load_splits(config.data, config.model)
     request = release_request(config.data, config.model)
     directory = prepare_release(request, tmp_path / "tfds", num_shards=2)
-    assert len(list(directory.glob("*train.array_record-*-of-00002"))) == 2
+    parts = json.loads((directory / prepared.SIZES_FILE).read_text())["train"]["parts"]
+    assert (len(parts) > 2) == (part_bytes == 2000)
+    assert all(list(directory.glob(f"*{part}.array_record-*")) for part in parts)
+    if part_bytes > 2000:  # 2 shards as asked; parts of a video or two get fewer
+        assert len(list(directory.glob(f"*{parts[0]}.array_record-*-of-00002"))) == 2
     with config.unlocked():
         config.data.source, config.data.tfds_dir = "tfds", str(tmp_path / "tfds")
-    prepared = load_splits(config.data, config.model)
+    loaded = load_splits(config.data, config.model)
     for split in ("train", "val", "test"):
-        assert_same_store(prepared[split], pickled[split])
+        assert_same_store(loaded[split], pickled[split])
     if dataset == "activitynet":
-        assert prepared["val"] is prepared["test"]  # val1 is written and loaded once
+        assert loaded["val"] is loaded["test"]  # val1 is written and loaded once
     # Identical batches: the same rows and caption slots from either source.
     videos, captions = np.array([3, 0, 5, 1]), np.array([[1], [0], [0], [2]]) % pickled["train"].max_captions
     names = list(config.data.text_embeddings)
-    batches = [side["train"].batch(videos, captions, text_names=names, max_text_tokens=5) for side in (prepared, pickled)]
+    batches = [side["train"].batch(videos, captions, text_names=names, max_text_tokens=5) for side in (loaded, pickled)]
     jax.tree.map(np.testing.assert_array_equal, *batches)
 
 
@@ -70,11 +80,11 @@ def test_an_altered_or_absent_prepared_dataset_is_refused(tmp_path):
     directory = prepare_release(request, tmp_path / "tfds")
     assert directory == prepared_dir(request, tmp_path / "tfds")
     assert json.loads((directory / CHECKSUMS_FILE).read_text())
-    shard = next(directory.glob("*train.array_record*"))
+    shard = next(directory.glob("*train_part0000.array_record*"))
     data = bytearray(shard.read_bytes())
     data[-1] ^= 0xFF
     shard.write_bytes(bytes(data))
-    with pytest.raises(PreparedDatasetError, match=r"files changed, missing or added since preparation: \['tt_release-train"):
+    with pytest.raises(PreparedDatasetError, match=r"files changed, missing or added since preparation: \['tt_release-train_part0000"):
         load_prepared(request, tmp_path / "tfds")
 
 

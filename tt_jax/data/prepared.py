@@ -14,7 +14,9 @@ One example per video, in store row order (shuffling disabled): its experts and 
 each text embedding's tokens and per-slot lengths, and, for training videos, the caption weights
 and precomputed teacher embeddings (empty arrays elsewhere: one feature spec serves every split).
 A split listed by the same file as another (ActivityNet's val1 is validation and test) is
-written once.
+written once. Each split is written as TFDS splits `<split>_partNNNN` of at most PART_BYTES
+(see `_parts`), each sharded into ArrayRecord files; `tt_sizes.json` lists them with the sizes
+loading preallocates.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import pathlib
 from typing import Any, Optional
 
 import numpy as np
+from absl import logging
 
 from tt_jax.data.feature_store import FeatureStore, TokenTable
 from tt_jax.data.release import ReleaseRequest, read_release
@@ -35,6 +38,7 @@ NAME = "tt_release"
 FORMAT_VERSION = "1.0.0"
 CHECKSUMS_FILE = "tt_checksums.json"
 SIZES_FILE = "tt_sizes.json"
+PART_BYTES = 512 << 20  # rows of one TFDS split, at most (see _parts)
 _READ_BLOCK = 128  # records decoded at a time when loading (ActivityNet: about 50 MB)
 
 
@@ -63,6 +67,31 @@ def config_name(request: ReleaseRequest) -> str:
 
 def prepared_dir(request: ReleaseRequest, tfds_dir) -> pathlib.Path:
     return pathlib.Path(tfds_dir) / NAME / config_name(request) / FORMAT_VERSION
+
+
+def _parts(store: FeatureStore) -> list[tuple[int, int]]:
+    """[(first row, end row)] of consecutive rows holding at most PART_BYTES each (at least one row).
+
+    Why parts: TFDS's writer keeps a split in memory up to 1 GB and past that spills it through
+    TensorFlow's file API, which the extra does not install; each part is a TFDS split of its own.
+    """
+    row_bytes = np.zeros(store.num_videos, np.int64)
+    for features in store.experts.values():
+        row_bytes += features[0].nbytes if store.num_videos else 0
+    for table in store.text.values():
+        row_bytes += table.lengths.sum(axis=1).astype(np.int64) * table.dim * table.tokens.itemsize
+    for teacher in (store.teacher_embeddings or {}).values():
+        for part in teacher.values():
+            for array in part.values():
+                row_bytes += array[0].nbytes
+    part_of_row = (np.cumsum(row_bytes) - row_bytes) // PART_BYTES
+    edges = np.flatnonzero(np.diff(part_of_row)) + 1
+    bounds = [0, *edges.tolist(), store.num_videos]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def _part_name(split: str, index: int) -> str:
+    return f"{split}_part{index:04d}"
 
 
 def _splits(request: ReleaseRequest) -> dict[str, str]:
@@ -100,10 +129,11 @@ def _features(tfds, stores: dict[str, FeatureStore]):
     )
 
 
-def _examples(store: FeatureStore, teacher_dims: dict):
-    """(key, example) per video row, in row order; teacher_dims: {teacher: {expert: D}}."""
+def _examples(store: FeatureStore, rows: range, teacher_dims: dict):
+    """(key, example) per video row of `rows`, in row order; teacher_dims: {teacher: {expert: D}}."""
     dtype = next(iter(store.text.values())).tokens.dtype
-    for row, video in enumerate(store.video_ids):
+    for row in rows:
+        video = store.video_ids[row]
         text = {}
         for name, table in store.text.items():
             starts, lengths = table.starts[row], table.lengths[row]
@@ -158,11 +188,14 @@ def _builder_class():
             stores = self.release_stores()
             teachers = stores["train"].teacher_embeddings or {}
             dims = {name: {e: a.shape[-1] for e, a in teacher["video"].items()} for name, teacher in teachers.items()}
-            written = sorted(set(_splits(self._request).values()))
-            return {split: self._generate_examples(stores[split], dims) for split in written}
+            generators = {}
+            for split in sorted(set(_splits(self._request).values())):
+                for index, (start, end) in enumerate(_parts(stores[split])):
+                    generators[_part_name(split, index)] = self._generate_examples(stores[split], range(start, end), dims)
+            return generators
 
-        def _generate_examples(self, store, teacher_dims):
-            return _examples(store, teacher_dims)
+        def _generate_examples(self, store, rows, teacher_dims):
+            return _examples(store, rows, teacher_dims)
 
     TtRelease.name = NAME
     return TtRelease
@@ -182,15 +215,21 @@ def _file_checksums(directory: pathlib.Path) -> dict[str, str]:
 
 def prepare_release(request: ReleaseRequest, tfds_dir, *, num_shards: Optional[int] = None) -> pathlib.Path:
     """Converts the release of `request` into `<tfds_dir>/tt_release/...` (skipped when done) and
-    returns the prepared folder. num_shards: ArrayRecord files per split (default: by size)."""
+    returns the prepared folder. num_shards: ArrayRecord files per part of a split (default: by
+    size; at most the videos of the smallest part)."""
     tfds = _tfds()
     directory = prepared_dir(request, tfds_dir)
     if (directory / CHECKSUMS_FILE).is_file():
         return directory
     builder = _builder_class()(request=request, data_dir=str(tfds_dir), file_format="array_record")
+    written = set(_splits(request).values())
+    if num_shards:  # TFDS needs at least one example per shard of every (part) split
+        fewest_rows = min(end - start for split in written for start, end in _parts(builder.release_stores()[split]))
+        if fewest_rows < num_shards:
+            logging.info("%d shards asked for, but a part holds %d videos: writing %d", num_shards, fewest_rows, fewest_rows)
+            num_shards = fewest_rows
     download_config = tfds.download.DownloadConfig(num_shards=num_shards) if num_shards else None
     builder.download_and_prepare(download_config=download_config)
-    written = set(_splits(request).values())
     sizes = {split: size for split, size in _sizes(builder.release_stores()).items() if split in written}
     (directory / SIZES_FILE).write_text(json.dumps(sizes, indent=2, sort_keys=True) + "\n")
     (directory / CHECKSUMS_FILE).write_text(json.dumps(_file_checksums(directory), indent=2, sort_keys=True) + "\n")
@@ -215,20 +254,37 @@ def _verified(directory: pathlib.Path, request: ReleaseRequest) -> None:
 
 
 def _sizes(stores: dict[str, FeatureStore]) -> dict:
-    """{split: {"videos", "tokens": {embedding: total}}}: what loading preallocates."""
+    """{split: {"videos", "tokens": {embedding: total}, "parts": [TFDS split names]}}: what
+    loading reads and preallocates."""
     return {
-        split: {"videos": store.num_videos, "tokens": {name: len(table.tokens) for name, table in store.text.items()}}
+        split: {
+            "videos": store.num_videos,
+            "tokens": {name: len(table.tokens) for name, table in store.text.items()},
+            "parts": [_part_name(split, index) for index in range(len(_parts(store)))],
+        }
         for split, store in stores.items()
     }
 
 
-def _store_from_records(source: Any, sizes: dict) -> FeatureStore:
-    """Rebuilds one FeatureStore from the records of a split (in row order), block by block into
-    preallocated arrays, so the decoded records are never held all at once."""
+def _records(sources: list[Any]):
+    """(row, record) of the parts in order, decoded _READ_BLOCK at a time."""
+    row = 0
+    for source in sources:
+        for start in range(0, len(source), _READ_BLOCK):
+            for record in source.__getitems__(list(range(start, min(start + _READ_BLOCK, len(source))))):
+                yield row, record
+                row += 1
+
+
+def _store_from_records(sources: list[Any], sizes: dict) -> FeatureStore:
+    """Rebuilds one FeatureStore from the records of a split's parts (in row order), block by
+    block into preallocated arrays, so the decoded records are never held all at once."""
     count = sizes["videos"]
-    if len(source) != count:
-        raise PreparedDatasetError(f"a prepared split holds {len(source)} videos, its sizes file says {count}")
-    first = source[0]
+    if sum(len(source) for source in sources) != count:
+        raise PreparedDatasetError(
+            f"a prepared split holds {sum(len(s) for s in sources)} videos, its sizes file says {count}"
+        )
+    first = sources[0][0]
     experts = {name: np.empty((count,) + np.shape(value), np.asarray(value).dtype) for name, value in first["experts"].items()}
     availability = {name: np.empty(count, np.float32) for name in first["availability"]}
     tokens = {
@@ -249,24 +305,22 @@ def _store_from_records(source: Any, sizes: dict) -> FeatureStore:
             for name, teacher in first["teachers"].items()
         }
     video_ids, cursors = [], dict.fromkeys(tokens, 0)
-    for start in range(0, count, _READ_BLOCK):
-        rows = list(range(start, min(start + _READ_BLOCK, count)))
-        for row, record in zip(rows, source.__getitems__(rows)):
-            video = record["video_id"]
-            video_ids.append(video.decode() if isinstance(video, bytes) else video)
-            for name in experts:
-                experts[name][row] = record["experts"][name]
-                availability[name][row] = record["availability"][name]
-            for name, entry in record["text"].items():
-                lengths[name][row] = entry["lengths"]
-                tokens[name][cursors[name] : cursors[name] + len(entry["tokens"])] = entry["tokens"]
-                cursors[name] += len(entry["tokens"])
-            if has_weights:
-                weights[row] = record["caption_weights"]
-            for name, teacher in (teachers or {}).items():
-                for part, arrays in teacher.items():
-                    for e in arrays:
-                        arrays[e][row] = record["teachers"][name][part][e]
+    for row, record in _records(sources):
+        video = record["video_id"]
+        video_ids.append(video.decode() if isinstance(video, bytes) else video)
+        for name in experts:
+            experts[name][row] = record["experts"][name]
+            availability[name][row] = record["availability"][name]
+        for name, entry in record["text"].items():
+            lengths[name][row] = entry["lengths"]
+            tokens[name][cursors[name] : cursors[name] + len(entry["tokens"])] = entry["tokens"]
+            cursors[name] += len(entry["tokens"])
+        if has_weights:
+            weights[row] = record["caption_weights"]
+        for name, teacher in (teachers or {}).items():
+            for part, arrays in teacher.items():
+                for e in arrays:
+                    arrays[e][row] = record["teachers"][name][part][e]
     text = {}
     for name, table_lengths in lengths.items():
         starts = (np.cumsum(table_lengths, axis=None) - table_lengths.ravel()).reshape(table_lengths.shape)
@@ -284,5 +338,8 @@ def load_prepared(request: ReleaseRequest, tfds_dir) -> dict[str, FeatureStore]:
     _verified(directory, request)
     sources = tfds.builder_from_directory(str(directory)).as_data_source()
     sizes = json.loads((directory / SIZES_FILE).read_text())
-    stores = {written: _store_from_records(sources[written], sizes[written]) for written in set(_splits(request).values())}
+    stores = {
+        written: _store_from_records([sources[part] for part in sizes[written]["parts"]], sizes[written])
+        for written in set(_splits(request).values())
+    }
     return {split: stores[written] for split, written in _splits(request).items()}
