@@ -274,7 +274,7 @@ def test_nan_in_an_expert_that_may_not_be_missing(release):
     video = first_train_video(root)
     rewrite(root / "aggregated_scene_25fps_256px_stride1_offset0/densenet161-avg.pickle",
             lambda t: t.__setitem__(video, float("nan")))
-    with pytest.raises(ReleaseError, match=rf"expert 'scene.densenet161.0' is missing \(nan\) for videos '{video}'.*not flaky"):
+    with pytest.raises(ReleaseError, match=rf"expert 'scene.densenet161.0' is missing \(nan\) for videos \['{video}'\].*not flaky"):
         read_release(request)
 
 
@@ -311,7 +311,7 @@ def test_a_teacher_file_that_lacks_training_videos(release):
     request, root = release
     video = first_train_video(root)
     rewrite(root / "teachers/train-full-ce-refined-text-w2v.pkl", lambda t: t.pop(video))
-    with pytest.raises(ReleaseError, match=rf"teacher file .*w2v\.pkl lacks 1 training videos \('{video}'\)"):
+    with pytest.raises(ReleaseError, match=rf"teacher file .*w2v\.pkl lacks 1 training videos, \['{video}'\]"):
         read_release(request)
 
 

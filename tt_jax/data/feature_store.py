@@ -21,23 +21,14 @@ from typing import Mapping, Optional, Sequence, Union
 
 import numpy as np
 
-from tt_jax.errors import UserInputError
+from tt_jax.errors import UserInputError, list_some
 from tt_jax.models.config import ModelConfig
 
 _STORAGE_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
-_MAX_REPORTED = 10  # ids listed in an error message before "..."
 
 
 class FeatureStoreError(UserInputError):
     """Features that do not form a consistent split, or do not fit the model that should read them."""
-
-
-def _list_some(items: Sequence) -> str:
-    """`items` for an error message, at most _MAX_REPORTED of them."""
-    items = list(items)
-    shown = ", ".join(repr(item) for item in items[:_MAX_REPORTED])
-    more = f", ... ({len(items)} in all)" if len(items) > _MAX_REPORTED else ""
-    return f"[{shown}{more}]"
 
 
 def _as_float_storage(array, what: str) -> np.ndarray:
@@ -198,7 +189,7 @@ class FeatureStore:
         num_videos = len(video_ids)
         if len(set(video_ids)) != num_videos:
             repeated = sorted(video for video, count in collections.Counter(video_ids).items() if count > 1)
-            raise FeatureStoreError(f"video_ids must be unique; repeated: {_list_some(repeated)}")
+            raise FeatureStoreError(f"video_ids must be unique; repeated: {list_some(repeated)}")
 
         def check_leading(array: np.ndarray, what: str, trailing: Optional[tuple] = None):
             if array.ndim == 0 or array.shape[0] != num_videos:
@@ -257,7 +248,7 @@ class FeatureStore:
                 videos = np.flatnonzero(on_empty_slot.any(axis=1))
                 raise FeatureStoreError(
                     "caption_weights give weight to caption slots that hold no caption, for videos "
-                    f"{_list_some(video_ids[v] for v in videos)}"
+                    f"{list_some(video_ids[v] for v in videos)}"
                 )
 
         teachers = self.teacher_embeddings
@@ -418,7 +409,7 @@ class FeatureStore:
                 videos = np.flatnonzero(present != 1)
                 raise FeatureStoreError(
                     f"expert {expert.name!r} is not flaky (always present) but is missing for videos "
-                    f"{_list_some(self.video_ids[v] for v in videos)}; mark it flaky in the config or fix the data"
+                    f"{list_some(self.video_ids[v] for v in videos)}; mark it flaky in the config or fix the data"
                 )
             features = self.experts[expert.name]
             finite = _finite_rows(features)
@@ -426,7 +417,7 @@ class FeatureStore:
             if bad.size:
                 raise FeatureStoreError(
                     f"NaN/inf in expert {expert.name!r}, marked present, for videos "
-                    f"{_list_some(self.video_ids[v] for v in bad)}; a missing expert must have availability 0"
+                    f"{list_some(self.video_ids[v] for v in bad)}; a missing expert must have availability 0"
                 )
         if text_name not in self.text:
             raise FeatureStoreError(f"the model reads text {text_name!r}; the store holds {sorted(self.text)}")
@@ -446,7 +437,7 @@ class FeatureStore:
         no_caption = np.flatnonzero(table.lengths.sum(axis=1) == 0)
         if no_caption.size:
             raise FeatureStoreError(
-                f"videos {_list_some(self.video_ids[v] for v in no_caption)} have no caption; "
+                f"videos {list_some(self.video_ids[v] for v in no_caption)} have no caption; "
                 "remove them from the split"
             )
         if self.caption_weights is not None:
@@ -454,7 +445,7 @@ class FeatureStore:
             if unweighted.size:
                 raise FeatureStoreError(
                     "caption_weights are all zero for videos "
-                    f"{_list_some(self.video_ids[v] for v in unweighted)}, so no caption can be sampled "
+                    f"{list_some(self.video_ids[v] for v in unweighted)}, so no caption can be sampled "
                     "for them; remove them from the training split"
                 )
 

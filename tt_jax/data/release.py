@@ -29,7 +29,7 @@ import dataclasses
 import functools
 import json
 import pathlib
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 from absl import logging
@@ -45,11 +45,8 @@ from tt_jax.data.release_layout import (
     DatasetLayout,
 )
 from tt_jax.data.safe_pickle import MissingFileError, load_pickle
-from tt_jax.errors import UserInputError
+from tt_jax.errors import UserInputError, list_some
 from tt_jax.models.config import ExpertConfig
-
-_SHOWN = 5  # video ids named in an error message
-
 
 class ReleaseError(UserInputError):
     """Release files that do not hold what the layout and the config say; the message names the file."""
@@ -101,12 +98,6 @@ class ReleaseRequest:
         return pathlib.Path(self.data_dir) / self.layout.folder / (self.root_feat_folder or self.layout.root_feat_folder)
 
 
-def _some(ids: Iterable) -> str:
-    ids = list(ids)
-    more = f", ... ({len(ids)} in all)" if len(ids) > _SHOWN else ""
-    return ", ".join(repr(i) for i in ids[:_SHOWN]) + more
-
-
 def _expected_layout(request: ReleaseRequest) -> str:
     layout = request.layout
     splits = layout.splits[request.split or layout.default_split]
@@ -138,7 +129,7 @@ def _read_list(request: ReleaseRequest, relative: str) -> list[str]:
         raise ReleaseError(f"split list {path} is empty: a split needs at least one video")
     repeated = [i for i, count in collections.Counter(ids).items() if count > 1]
     if repeated:
-        raise ReleaseError(f"split list {path} names videos more than once: {_some(repeated)}")
+        raise ReleaseError(f"split list {path} names videos more than once: {list_some(repeated)}")
     return ids
 
 
@@ -228,7 +219,7 @@ def _expert_features(
     absent = sorted({v for ids in lists for v in ids if v not in table})
     if absent and not expert.flaky:
         raise ReleaseError(
-            f"{path} has no features for {len(absent)} videos of the split lists ({_some(absent)}); "
+            f"{path} has no features for {len(absent)} videos of the split lists, {list_some(absent)}; "
             f"expert {expert.name!r} is not flaky, so every video needs it: check that the split lists "
             "and the feature files come from the same release"
         )
@@ -269,7 +260,7 @@ def _expert_features(
                 features[row] = array
         if not_allowed:
             raise ReleaseError(
-                f"{path}: expert {expert.name!r} is missing (nan) for videos {_some(not_allowed)}, but it is "
+                f"{path}: expert {expert.name!r} is missing (nan) for videos {list_some(not_allowed)}, but it is "
                 "not flaky; mark it flaky in the model config (the reference allows only audio, speech, ocr "
                 "and face to be missing) or fix the file"
             )
@@ -287,7 +278,7 @@ def _caption_lists(
     absent = [video for video in ids if video not in table]
     if absent:
         raise ReleaseError(
-            f"{path} has no captions for {len(absent)} videos of the split ({_some(absent)}); check that the "
+            f"{path} has no captions for {len(absent)} videos of the split, {list_some(absent)}; check that the "
             "split lists and the text features come from the same release"
         )
     videos = []
@@ -372,7 +363,7 @@ def _teacher_embeddings(
     absent = [video for video in train_ids if video not in table]
     if absent:
         raise ReleaseError(
-            f"teacher file {path} lacks {len(absent)} training videos ({_some(absent)}); a precomputed teacher "
+            f"teacher file {path} lacks {len(absent)} training videos, {list_some(absent)}; a precomputed teacher "
             "must cover every training video (or train live teachers instead)"
         )
     consumer = _Consumer(table, [train_ids])
@@ -408,7 +399,7 @@ def _denoising_weights(request: ReleaseRequest, train_ids: Sequence[str]) -> tup
     table = _as_mapping(_read_pickle(request, relative), path, "0/1 caption mask")
     absent = [video for video in train_ids if video not in table]
     if absent:
-        raise ReleaseError(f"denoising mask {path} has no entry for training videos {_some(absent)}")
+        raise ReleaseError(f"denoising mask {path} has no entry for training videos {list_some(absent)}")
     masks = {video: np.asarray(table[video], np.float64).reshape(-1) for video in train_ids}
     for video, mask in masks.items():
         if not np.all((mask == 0) | (mask == 1)):
@@ -417,7 +408,7 @@ def _denoising_weights(request: ReleaseRequest, train_ids: Sequence[str]) -> tup
     if dropped:
         logging.warning(
             "denoising mask %s removes every caption of %d training videos; they are left out of training: %s",
-            path, len(dropped), _some(dropped),
+            path, len(dropped), list_some(dropped),
         )
     kept = [video for video in train_ids if masks[video].any()]
     if not kept:
@@ -540,5 +531,5 @@ def read_raw_captions(request: ReleaseRequest, video_ids: Sequence[str]) -> dict
     table = _as_mapping(_read_pickle(request, relative), path, "list of captions (lists of words)")
     absent = [video for video in video_ids if video not in table]
     if absent:
-        raise ReleaseError(f"{path} has no captions for videos {_some(absent)}")
+        raise ReleaseError(f"{path} has no captions for videos {list_some(absent)}")
     return {video: [" ".join(words) if not isinstance(words, str) else words for words in table[video]] for video in video_ids}
