@@ -120,3 +120,52 @@ def test_truncated_and_foreign_files_are_reported_as_damaged(tmp_path):
         load_pickle(text)
     with pytest.raises(MissingFileError, match=r"absent\.pkl does not exist"):
         load_pickle(tmp_path / "absent.pkl")
+
+
+# -- numpy's own names, used against it ------------------------------------------------------------
+
+
+class Crafted:
+    """Pickles as `callable(*args)` (REDUCE), then BUILD with `state` when given: the opcodes a
+    crafted file would hold, written by the real pickler."""
+
+    def __init__(self, callable_, args, state=None):
+        self.callable, self.args, self.state = callable_, args, state
+
+    def __reduce__(self):
+        return (self.callable, self.args) if self.state is None else (self.callable, self.args, self.state)
+
+
+MULTIARRAY = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
+
+
+@pytest.mark.parametrize(
+    "payload, message",
+    [
+        # BUILD rewriting a dtype's flags: the first step of the known memory-reading chain.
+        (Crafted(np.dtype, ("f8", False, True), (3, "<", None, None, None, -1, -1, 0x20)), "a state that numpy never writes"),
+        (Crafted(np.dtype, ("O8", False, True)), "dtype object is refused"),
+        (Crafted(np.dtype, ("V8", False, True)), r"dtype \|V8 is refused"),
+        (Crafted(MULTIARRAY.scalar, (Crafted(np.dtype, ("O8", False, True)), b"AAAAAAAA")), "dtype object is refused"),
+        (Crafted(np.ndarray, ((7,), np.dtype("u1"))), r"numpy\.ndarray\(\.\.\.\) is refused"),
+        (Crafted(bytes, (np.arange(3),)), r"bytes\(\.\.\.\) is accepted only of a string"),
+        (Crafted(MULTIARRAY._reconstruct, (np.ndarray, (0,), b"b"), (1, (4,), np.dtype("f4"), False, b"\0" * 3)),
+         "array data of 3 bytes for shape"),
+        (Crafted(np.dtype, ("f4", False, True), {"__class__": 1}), "unexpected pickled state"),
+    ],
+    ids=["dtype-flags", "object-dtype", "void-dtype", "object-scalar", "ndarray-view", "bytes-of-array",
+         "short-data", "dict-state"],
+)
+def test_numpy_names_cannot_be_turned_against_the_reader(tmp_path, payload, message):
+    path = tmp_path / "crafted.pkl"
+    path.write_bytes(pickle.dumps({"video0": payload}, protocol=2))
+    with pytest.raises(UnsafePickleError, match=message):
+        load_pickle(path)
+
+
+def test_the_stand_ins_cannot_be_rebuilt(tmp_path):
+    path = tmp_path / "build.pkl"
+    # Protocol 4: STACK_GLOBAL numpy.dtype, then BUILD {"a": 1} on that function itself.
+    path.write_bytes(b"\x80\x04\x8c\x05numpy\x8c\x05dtype\x93}\x8c\x01aK\x01sb.")
+    with pytest.raises(UnsafePickleError, match="may not set the state"):
+        load_pickle(path)
