@@ -454,3 +454,42 @@ def test_dataset_configs_carry_the_reference_numbers(dataset):
             clusters, ghosts, tokens)
     assert (ce.train.optimizer, ce.train.learning_rate, ce.train.weight_decay) == ("ranger", lr, weight_decay)
     assert (tt.train.optimizer, tt.train.learning_rate, tt.train.weight_decay) == ("radam", 1e-3, 1e-5)
+
+
+@pytest.mark.parametrize("dataset", ["msrvtt", "activitynet", "didemo"])
+def test_the_original_ce_openai_text_is_read_from_its_own_files(dataset, tmp_path):
+    """The CE variants read openai features under their legacy names (ActivityNet: two files merged)."""
+    config = shrunk(dataset_config(dataset, "ce"), tmp_path)
+    root = write_release_for(config, tmp_path)
+    files = DATASETS[dataset].text_files["openai"]
+    table = {}
+    for name in files:
+        table.update(read(root / name))
+    store = load_splits(config.data, config.model)["train"]
+    for row, video in enumerate(store.video_ids):
+        first = table[video][0][:5]
+        got = store.text["openai"].padded(np.array([row]), np.zeros((1, 1), int), 5)[0, 0]
+        np.testing.assert_array_equal(got[: len(first)], first)
+
+
+def test_malformed_entries_are_reported_with_their_file(release):
+    request, root = release
+    video = first_train_video(root)
+    rewrite(root / "teachers/train-full-ce-refined-text-w2v.pkl", lambda t: t.__setitem__(video, {"vid_embds": [1]}))
+    with pytest.raises(ReleaseError, match=rf"w2v\.pkl: video '{video}' should map to"):
+        read_release(request)
+    rewrite(root / "aggregated_speech/speech-w2v.pickle", lambda t: t.__setitem__(video, np.array(["a", "b"])))
+    with pytest.raises(ReleaseError, match=rf"speech-w2v\.pickle: video '{video}' should hold numbers"):
+        read_release(request)
+
+
+def test_a_bad_1k_a_caption_index(tmp_path):
+    config = shrunk(dataset_config("msrvtt", "ce_plus,jsfusion"), tmp_path)
+    root = write_release_for(config, tmp_path)
+    video = (root / "val_list_jsfusion.txt").read_text().split()[0]
+    rewrite(root / "jsfusion_val_caption_idx.pkl", lambda t: t.__setitem__(video, 99))
+    with pytest.raises(ReleaseError, match=rf"test video '{video}' has caption index 99, but \d captions"):
+        load_splits(config.data, config.model)
+    rewrite(root / "jsfusion_val_caption_idx.pkl", lambda t: t.pop(video))
+    with pytest.raises(ReleaseError, match=rf"has no caption index for test video '{video}'"):
+        load_splits(config.data, config.model)

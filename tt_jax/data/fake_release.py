@@ -111,7 +111,13 @@ def write_fake_release(
             ]
             for video, count in captions.items()
         }
-        _dump(root / layout.text_folder / f"{embedding}.pkl", table)
+        files = layout.text_files.get(embedding, (f"{layout.text_folder}/{embedding}.pkl",))
+        if len(files) == 1:
+            _dump(root / files[0], table)
+        else:  # ActivityNet's openai features: the training videos in one file, the rest in the other
+            trained = set(lists[default.train])
+            _dump(root / files[0], {v: c for v, c in table.items() if v in trained})
+            _dump(root / files[1], {v: c for v, c in table.items() if v not in trained})
     words = ["a", "man", "is", "playing", "guitar", "on", "stage", "people", "dance"]
     _dump(
         root / layout.raw_captions,

@@ -133,6 +133,14 @@ def _read_list(request: ReleaseRequest, relative: str) -> list[str]:
     return ids
 
 
+def _numeric(value: Any, path: pathlib.Path, what: str) -> np.ndarray:
+    """`value` as a numeric array, or a ReleaseError naming the file and the entry."""
+    array = np.asarray(value)
+    if array.dtype.kind not in "biuf":
+        raise ReleaseError(f"{path}: {what} should hold numbers, found {array.dtype} ({value!r:.60})")
+    return array
+
+
 def _as_mapping(table: Any, path: pathlib.Path, what: str) -> dict:
     if not isinstance(table, dict):
         raise ReleaseError(f"{path}: expected a dict of video id -> {what}, found a {type(table).__name__}")
@@ -238,7 +246,7 @@ def _expert_features(
                 if not expert.flaky:
                     not_allowed.append(video)
                 continue
-            array = np.asarray(value)
+            array = _numeric(value, path, f"video {video!r}")
             if not vlad and array.ndim == 2 and array.shape[0] == 1:
                 array = array[0]  # a [1, D] vector broadcasts as [D] in the reference
             expected_dim_axis = 1 if vlad else 0
@@ -286,7 +294,7 @@ def _caption_lists(
         captions = consumer.take(video)
         if not isinstance(captions, (list, tuple)) or not captions:
             raise ReleaseError(f"{path}: video {video!r} should map to a non-empty list of captions, got {captions!r:.80}")
-        arrays = [np.asarray(caption) for caption in captions]
+        arrays = [_numeric(caption, path, f"caption {k} of video {video!r}") for k, caption in enumerate(captions)]
         for index, array in enumerate(arrays):
             if array.ndim != 2:
                 raise ReleaseError(
@@ -348,6 +356,16 @@ def _token_table(
     return TokenTable(tokens=tokens, starts=starts, lengths=lengths)
 
 
+def _caption_index(index: Mapping, video: str, captions: int, path: pathlib.Path) -> int:
+    """The caption MSRVTT 1k-A queries `video` with, checked against its caption count."""
+    if video not in index:
+        raise ReleaseError(f"{path} has no caption index for test video {video!r}")
+    value = index[video]
+    if not isinstance(value, (int, np.integer)) or not 0 <= int(value) < captions:
+        raise ReleaseError(f"{path}: test video {video!r} has caption index {value!r}, but {captions} captions")
+    return int(value)
+
+
 # -- teachers and denoising -----------------------------------------------------------------------
 
 
@@ -371,23 +389,31 @@ def _teacher_embeddings(
     text: dict[str, np.ndarray] = {}
     for row, video_id in enumerate(train_ids):
         entry = consumer.take(video_id)
-        if not (isinstance(entry, dict) and {"vid_embds", "text_embds"} <= set(entry)):
-            raise ReleaseError(f"{path}: video {video_id!r} should map to {{'vid_embds', 'text_embds'}}")
+        layout_ok = isinstance(entry, dict) and all(isinstance(entry.get(k), dict) for k in ("vid_embds", "text_embds"))
+        if not layout_ok:
+            raise ReleaseError(
+                f"{path}: video {video_id!r} should map to {{'vid_embds': {{expert: [D]}}, 'text_embds': {{expert: [K, D]}}}}"
+            )
         if row == 0:
             for expert, vector in entry["vid_embds"].items():
-                dim = np.asarray(vector).reshape(-1).shape[0]
+                dim = _numeric(vector, path, f"video {video_id!r}, expert {expert!r}").size
                 video[expert] = np.zeros((len(train_ids), dim), dtype)
                 text[expert] = np.zeros((len(train_ids), caption_slots, dim), dtype)
         if set(entry["vid_embds"]) != set(video) or set(entry["text_embds"]) != set(video):
             raise ReleaseError(f"{path}: video {video_id!r} names experts other than {sorted(video)}")
-        for expert in video:
-            try:
-                video[expert][row] = np.asarray(entry["vid_embds"][expert]).reshape(-1)
-                captions = np.asarray(entry["text_embds"][expert])
-                captions = captions.reshape(-1, captions.shape[-1])[:caption_slots]
-                text[expert][row, : len(captions)] = captions
-            except ValueError as error:
-                raise ReleaseError(f"{path}: video {video_id!r}, expert {expert!r}: {error}") from None
+        for expert, row_video in video.items():
+            what = f"video {video_id!r}, expert {expert!r}"
+            vector = _numeric(entry["vid_embds"][expert], path, what).reshape(-1)
+            captions = _numeric(entry["text_embds"][expert], path, what)
+            dim = row_video.shape[1]
+            if vector.shape != (dim,) or captions.ndim not in (1, 2) or captions.shape[-1] != dim:
+                raise ReleaseError(
+                    f"{path}: {what} has embeddings of shapes {vector.shape} and {captions.shape}, expected [{dim}] "
+                    f"and [captions, {dim}]"
+                )
+            row_video[row] = vector
+            captions = captions.reshape(-1, dim)[:caption_slots]
+            text[expert][row, : len(captions)] = captions
     return {"video": video, "text": text}
 
 
@@ -400,7 +426,8 @@ def _denoising_weights(request: ReleaseRequest, train_ids: Sequence[str]) -> tup
     absent = [video for video in train_ids if video not in table]
     if absent:
         raise ReleaseError(f"denoising mask {path} has no entry for training videos {list_some(absent)}")
-    masks = {video: np.asarray(table[video], np.float64).reshape(-1) for video in train_ids}
+    masks = {video: _numeric(table[video], path, f"the mask of video {video!r}").astype(np.float64).reshape(-1)
+             for video in train_ids}
     for video, mask in masks.items():
         if not np.all((mask == 0) | (mask == 1)):
             raise ReleaseError(f"denoising mask {path}: video {video!r} has values other than 0 and 1")
@@ -480,17 +507,27 @@ def read_release(request: ReleaseRequest) -> dict[str, FeatureStore]:
                 "MSVD's openai text features are keyed by YouTube id (openai-caption-*.pkl through "
                 "dict_youtube_mapping.pkl), which this reader does not map; use the w2v or gpt2-xl features"
             )
-        table, path = {}, None
-        for relative in layout.text_files.get(embedding, (f"{layout.text_folder}/{embedding}.pkl",)):
-            path = request.root / relative
-            table.update(_as_mapping(_read_pickle(request, relative), path, "list of caption token arrays"))
+        table = {}
+        relatives = layout.text_files.get(embedding, (f"{layout.text_folder}/{embedding}.pkl",))
+        for relative in relatives:
+            part = _as_mapping(_read_pickle(request, relative), request.root / relative, "list of caption token arrays")
+            repeated = [video for video in part if video in table]
+            if repeated:
+                raise ReleaseError(f"{request.root / relative} repeats videos of {relatives[0]}: {list_some(repeated)}")
+            table.update(part)
+            del part
+        # Messages name the file, or every file of a merged table.
+        path = request.root / relatives[0] if len(relatives) == 1 else f"{request.root}/{{{', '.join(relatives)}}}"
         consumer = _Consumer(table, lists)
         for file in unique_files:
             videos = _caption_lists(table, path, ids[file], consumer)
             is_train = file == train_list
             slots = None if is_train else layout.test_captions
             if caption_index is not None and file == files.test and not is_train:
-                videos = [[captions[int(caption_index[video])]] for video, captions in zip(ids[file], videos)]
+                videos = [
+                    [captions[_caption_index(caption_index, video, len(captions), request.root / files.test_caption_index)]]
+                    for video, captions in zip(ids[file], videos)
+                ]
                 slots = 1
             text[file][embedding] = _token_table(
                 videos, path=path, fuse=layout.fuse_captions, caption_slots=slots, max_tokens=max_tokens, dtype=dtype
@@ -524,8 +561,10 @@ def read_release(request: ReleaseRequest) -> dict[str, FeatureStore]:
 
 
 def read_raw_captions(request: ReleaseRequest, video_ids: Sequence[str]) -> dict[str, list[str]]:
-    """{video id: its captions as text} from the release's raw captions (lists of words), e.g. to
-    show what a query of `FeatureStore.video_ids` said; row k of a video is caption slot k."""
+    """{video id: every caption of the video as text}, from the release's raw captions (lists of
+    words), e.g. to show what a query said. They are the video's captions in release order: the
+    caption slots of a training split; an evaluation split keeps the first `test_captions` (MSRVTT
+    1k-A the indexed one), and paragraph datasets join them into one query."""
     relative = request.layout.raw_captions
     path = request.root / relative
     table = _as_mapping(_read_pickle(request, relative), path, "list of captions (lists of words)")
