@@ -56,7 +56,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.log_every_steps = 25
 
     config.teachers = [
-        dict(name=f"teacher_{name}", text_embedding=name, model=dict(text_dim=spec["dim"]))
+        dict(name=f"teacher_{name}", source="recipe", text_embedding=name, model_changes=dict(text_dim=spec["dim"]))
         for name, spec in TEXT_EMBEDDINGS.items()
     ]
     config.pipeline.seeds = (0, 1, 2)

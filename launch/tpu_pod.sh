@@ -15,7 +15,7 @@ ACCELERATOR_TYPE="${ACCELERATOR_TYPE:-v4-32}"
 RUNTIME_VERSION="${RUNTIME_VERSION:-tpu-ubuntu2204-base}"
 PROJECT="${PROJECT:-}"  # empty: gcloud's default project
 CONFIG="${CONFIG:-configs/demo.py}"
-WORKDIR="${WORKDIR:-}"  # empty: /mnt/$BUCKET/tt_jax/<config name> (the bucket mounted with gcsfuse)
+WORKDIR="${WORKDIR:-}"  # empty: gs://$BUCKET/tt_jax/<config name>
 BUCKET="${BUCKET:-}"
 PYTHON="${PYTHON:-python3.11}"  # the project needs Python >= 3.11
 REMOTE_DIR="${REMOTE_DIR:-tt_jax}"  # on every host, relative to the home directory
@@ -38,7 +38,7 @@ usage: $(basename "$0") create | setup | run [tt_jax.main flags ...] | delete
 environment (current value):
   TPU_NAME=$TPU_NAME ZONE=$ZONE ACCELERATOR_TYPE=$ACCELERATOR_TYPE
   RUNTIME_VERSION=$RUNTIME_VERSION PROJECT=${PROJECT:-<gcloud default>}
-  CONFIG=$CONFIG WORKDIR=${WORKDIR:-</mnt/\$BUCKET/tt_jax/config name>} BUCKET=${BUCKET:-<unset>}
+  CONFIG=$CONFIG WORKDIR=${WORKDIR:-<gs://\$BUCKET/tt_jax/config name>} BUCKET=${BUCKET:-<unset>}
   PYTHON=$PYTHON REMOTE_DIR=~/$REMOTE_DIR
 USAGE
 }
@@ -71,21 +71,17 @@ setup() {
     cd ~/$REMOTE_DIR
     [[ -x .venv/bin/python ]] || $python -m venv .venv
     .venv/bin/pip install -q --upgrade pip
-    .venv/bin/pip install -q -e '.[tfds]' 'jax[tpu]'"  # tfds: read prepared datasets
+    .venv/bin/pip install -q -e '.[tfds,gcs]' 'jax[tpu]'"  # tfds: read prepared datasets; gcs: gs:// workdirs
 }
 
 run() {
   local workdir="$WORKDIR"
   if [[ -z "$workdir" ]]; then
     if [[ -z "$BUCKET" ]]; then
-      echo "error: set WORKDIR (a directory every host sees) or BUCKET (mounted at /mnt/\$BUCKET)" >&2
+      echo "error: set WORKDIR (a bucket URL or a directory every host sees) or BUCKET (for gs://\$BUCKET/tt_jax/...)" >&2
       exit 2
     fi
-    workdir="/mnt/$BUCKET/tt_jax/$(basename "$CONFIG" .py)"
-  fi
-  if [[ "$workdir" == *://* ]]; then
-    echo "error: WORKDIR=$workdir is a URL; give a mounted path (e.g. gcsfuse at /mnt/\$BUCKET)" >&2
-    exit 2
+    workdir="gs://$BUCKET/tt_jax/$(basename "$CONFIG" .py)"
   fi
   local command="cd ~/$REMOTE_DIR && export TT_JAX_DISTRIBUTED=1 && exec .venv/bin/python -m tt_jax.main"
   command+=" --config $(printf %q "$CONFIG") --workdir $(printf %q "$workdir")"

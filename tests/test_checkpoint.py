@@ -1,4 +1,4 @@
-"""Checkpointer: round trips, latest vs best, fingerprints, NaN refusal, sharding, crash safety."""
+"""Checkpointer: round trips, latest vs best, identities, NaN refusal, sharding, crash safety."""
 
 import os
 import random
@@ -20,7 +20,7 @@ from tt_jax.checkpoint import Checkpointer, CheckpointError
 from tt_jax.errors import UserInputError
 from tt_jax.train import TrainState
 
-FINGERPRINT = {"model": {"hidden_size": 8, "experts": ["rgb", "audio"]}, "text_embedding": "w2v"}
+IDENTITY = {"model.hidden_size": 8, "model.experts": ["rgb", "audio"], "data.text_embedding": "w2v"}
 
 
 def make_state(step: int, *, fill: float | None = None) -> TrainState:
@@ -50,10 +50,10 @@ def assert_trees_equal(actual, expected):
 
 def test_round_trip_restores_the_train_state_with_its_optax_state(tmp_path):
     state = make_state(7)
-    with Checkpointer(tmp_path, fingerprint=FINGERPRINT) as checkpointer:
+    with Checkpointer(tmp_path, identity=IDENTITY) as checkpointer:
         checkpointer.save_latest(state, position={"epoch": 1, "step_in_epoch": 3}, metrics={"loss": 0.5})
         checkpointer.wait()
-    with Checkpointer(tmp_path, fingerprint=FINGERPRINT) as checkpointer:
+    with Checkpointer(tmp_path, identity=IDENTITY) as checkpointer:
         restored, meta = checkpointer.restore_latest(jax.eval_shape(lambda: state))
     assert_trees_equal(restored, state)
     assert isinstance(restored, TrainState)
@@ -65,7 +65,7 @@ def test_the_state_may_be_donated_as_soon_as_save_returns(tmp_path):
     """The train step donates its state; an asynchronous save must already hold a host copy."""
     donate_and_advance = jax.jit(lambda state: jax.tree.map(lambda x: x * 0 - 1, state), donate_argnums=0)
     state = make_state(4)
-    with Checkpointer(tmp_path, fingerprint=FINGERPRINT) as checkpointer:
+    with Checkpointer(tmp_path, identity=IDENTITY) as checkpointer:
         checkpointer.save_latest(state, position={})
         # While Orbax still copies the arrays to host, XLA keeps them alive rather than reuse them.
         advanced = donate_and_advance(state)
@@ -75,14 +75,14 @@ def test_the_state_may_be_donated_as_soon_as_save_returns(tmp_path):
 
 
 def test_restore_returns_none_when_there_is_no_checkpoint(tmp_path):
-    with Checkpointer(tmp_path, fingerprint=FINGERPRINT) as checkpointer:
+    with Checkpointer(tmp_path, identity=IDENTITY) as checkpointer:
         assert checkpointer.restore_latest(make_state(0)) is None
         assert checkpointer.restore_best(make_state(0)) is None
         assert checkpointer.best_metrics() is None
 
 
 def test_latest_and_best_are_kept_apart(tmp_path):
-    with Checkpointer(tmp_path, fingerprint=FINGERPRINT, keep_latest=1) as checkpointer:
+    with Checkpointer(tmp_path, identity=IDENTITY, keep_latest=1) as checkpointer:
         for step in (1, 2, 3):
             checkpointer.save_latest(make_state(step), position={"step": step})
             if step == 2:
@@ -99,21 +99,21 @@ def test_latest_and_best_are_kept_apart(tmp_path):
     assert sorted(p.name for p in (tmp_path / "checkpoints" / "best").iterdir() if p.name.isdigit()) == ["2"]
 
 
-def test_a_workdir_of_another_model_is_refused_with_the_differing_keys(tmp_path):
-    with Checkpointer(tmp_path, fingerprint=FINGERPRINT) as checkpointer:
+def test_a_workdir_of_another_run_is_refused_naming_each_differing_key_with_both_values(tmp_path):
+    with Checkpointer(tmp_path, identity=IDENTITY) as checkpointer:
         checkpointer.save_latest(make_state(1), position={})
         checkpointer.save_best(make_state(1), position={}, metrics={"gmean": 0.1})
-    other = {"model": {"hidden_size": 16, "experts": ["rgb", "audio"]}, "text_embedding": "w2v"}
-    with Checkpointer(tmp_path, fingerprint=other) as checkpointer:
-        with pytest.raises(CheckpointError, match=r"model\.hidden_size.*--workdir") as error:
+    other = {**IDENTITY, "model.hidden_size": 16}
+    with Checkpointer(tmp_path, identity=other) as checkpointer:
+        with pytest.raises(CheckpointError, match=r"model\.hidden_size \(8 -> 16\).*--workdir") as error:
             checkpointer.restore_latest(make_state(0))
         assert "text_embedding" not in str(error.value)
-        with pytest.raises(UserInputError, match="another model"):
+        with pytest.raises(UserInputError, match="another run"):
             checkpointer.best_metrics()
 
 
 def test_a_non_finite_state_is_refused_and_the_previous_checkpoint_kept(tmp_path):
-    with Checkpointer(tmp_path, fingerprint=FINGERPRINT) as checkpointer:
+    with Checkpointer(tmp_path, identity=IDENTITY) as checkpointer:
         checkpointer.save_latest(make_state(1), position={"step": 1})
         checkpointer.wait()
         diverged = make_state(2)
@@ -131,7 +131,7 @@ def test_a_non_finite_state_is_refused_and_the_previous_checkpoint_kept(tmp_path
 
 def test_restore_onto_a_mesh_gives_the_requested_shardings(tmp_path):
     state = make_state(3)
-    with Checkpointer(tmp_path, fingerprint=FINGERPRINT) as checkpointer:
+    with Checkpointer(tmp_path, identity=IDENTITY) as checkpointer:
         checkpointer.save_latest(state, position={})
         mesh = jax.make_mesh((4,), ("data",))
         replicated = NamedSharding(mesh, PartitionSpec())
@@ -153,11 +153,11 @@ def test_restore_onto_a_mesh_gives_the_requested_shardings(tmp_path):
 
 
 def test_best_metrics_reads_no_array(tmp_path):
-    with Checkpointer(tmp_path, fingerprint=FINGERPRINT) as checkpointer:
+    with Checkpointer(tmp_path, identity=IDENTITY) as checkpointer:
         checkpointer.save_best(make_state(5), position={}, metrics={"gmean": 0.75, "R1": 0.5})
     # Remove the arrays: best_metrics must still answer from the JSON metadata alone.
     shutil.rmtree(tmp_path / "checkpoints" / "best" / "5" / "state")
-    with Checkpointer(tmp_path, fingerprint=FINGERPRINT) as checkpointer:
+    with Checkpointer(tmp_path, identity=IDENTITY) as checkpointer:
         assert checkpointer.best_metrics() == {"gmean": 0.75, "R1": 0.5}
 
 
@@ -177,7 +177,7 @@ _SAVE_LOOP = textwrap.dedent(
             opt_state={"mu": jnp.full((256, 512), float(step))},
         )
 
-    checkpointer = Checkpointer(sys.argv[1], fingerprint={"model": "kill-test"})
+    checkpointer = Checkpointer(sys.argv[1], identity={"model": "kill-test"})
     restored = checkpointer.restore_latest(make_state(0))
     start = 0 if restored is None else restored[1]["step"]
     for step in range(start + 1, start + 100_000):
@@ -211,7 +211,7 @@ def test_a_save_killed_with_sigkill_leaves_a_consistent_checkpoint(tmp_path):
             printed = [int(line) for line in [first, *process.stdout.read().split()] if line.strip()]
             process.wait()
 
-        with Checkpointer(workdir, fingerprint={"model": "kill-test"}) as checkpointer:
+        with Checkpointer(workdir, identity={"model": "kill-test"}) as checkpointer:
             abstract = TrainState(
                 step=jnp.zeros((), jnp.int32),
                 params={"w": jnp.zeros((256, 512)), "b": jnp.zeros((512,))},

@@ -190,6 +190,56 @@ def test_similarity_renormalises_weights_over_available_experts():
     np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-6)
 
 
+def test_keep_missing_modalities_weighs_every_expert_one_whatever_the_weights_and_availability():
+    """The reference option (spec section 2.5): S[q, v] = sum_m <text_m[q], video_m[v]>."""
+    rng = np.random.default_rng(5)
+    names = ("a", "b", "c")
+    text = {n: numpy_l2n(rng.normal(size=(5, 3))).astype(np.float32) for n in names}
+    video = {n: numpy_l2n(rng.normal(size=(4, 3))).astype(np.float32) for n in names}
+    weights = rng.dirichlet(np.ones(3), size=5).astype(np.float32)
+    availability = np.array([[1, 1, 1], [1, 0, 1], [0, 1, 0], [1, 1, 0]], np.float32)
+    expected = sum(text[n] @ video[n].T for n in names)
+    actual = weighted_similarity(text, video, weights, availability, names, keep_missing_modalities=True)
+    np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_keep_missing_modalities_reaches_training_rows_and_evaluation():
+    """A model config with the option trains and evaluates with the unit weights (before, the
+    setting was read from reference configs and ignored)."""
+    from tt_jax import parallel
+    from tt_jax.evaluate import Evaluator
+    from tt_jax.models.similarity import retrieval_similarity
+    from tt_jax.teachers import similarity_rows
+    from tt_jax.data.synthetic import make_synthetic_dataset
+
+    config = ModelConfig(
+        experts=(ExpertConfig("a", 6, flaky=True), ExpertConfig("b", 4)), text_dim=5, text_vlad_clusters=2,
+        text_max_tokens=3, shared_dim=4, keep_missing_modalities=True,
+    )
+    store = make_synthetic_dataset(
+        config, seed=0, num_train_videos=8, num_val_videos=6, num_test_videos=6, captions_per_video=2,
+        text_embeddings={"t": {"dim": 5, "quality": 1.0}}, missing_rate=0.5,
+    )["val"]
+    model = build_model(config)
+    variables = init_variables(model, jax.random.key(0))
+    experts, availability, text, _ = store.eval_inputs("t", 3)
+    embeddings = model.apply(variables, experts, availability, text, train=False)
+    assert np.any(np.asarray(embeddings.availability) == 0)  # some expert is missing
+    unit = sum(
+        np.asarray(embeddings.text[n]).reshape(-1, 4) @ np.asarray(embeddings.video[n]).T for n in config.expert_names
+    )
+    mesh = parallel.make_mesh(1)
+    result = Evaluator(model, store, "t", mesh=mesh).run(variables, return_similarity=True)
+    np.testing.assert_allclose(result["similarity"], unit, rtol=1e-5, atol=1e-6)
+    rows = jax.jit(jax.shard_map(
+        lambda e: similarity_rows(e, config), mesh=mesh,
+        in_specs=jax.sharding.PartitionSpec(parallel.DATA_AXIS), out_specs=jax.sharding.PartitionSpec(parallel.DATA_AXIS),
+    ))(embeddings)
+    np.testing.assert_allclose(rows, unit.reshape(6, 2, 6).mean(axis=1), rtol=1e-5, atol=1e-6)
+    renormalised = retrieval_similarity(embeddings, config.expert_names)
+    assert not np.allclose(renormalised, unit)
+
+
 def _renamed_expert_variables(variables, config, renamed_config, rename):
     """The same weights for a config whose expert order differs (per-expert modules re-indexed)."""
     import re

@@ -12,7 +12,9 @@ import jax
 import numpy as np
 import pytest
 
-from tt_jax.trained import load_trained
+from tt_jax.evaluate import evaluate
+from tt_jax.train import run_stores
+from tt_jax.trained import load_trained, read_run_config
 
 STEP_SCRIPT = pathlib.Path(__file__).with_name("multiprocess_step.py")
 PIPELINE_SCRIPT = pathlib.Path(__file__).with_name("multiprocess_pipeline.py")
@@ -83,6 +85,17 @@ def run_pipeline(workdir: pathlib.Path, num_processes: int, devices: int) -> lis
     return [launch(PIPELINE_SCRIPT, workdir, index, num_processes, port, devices) for index in range(num_processes)]
 
 
+def assert_within_one_query(together: dict, alone: dict, num_queries: int, where) -> None:
+    """Retrieval metrics of two nearly equal models: a near-tie may flip for one query (its rank
+    moves by one), so R@K may differ by one query's share, MeanR by 1/num_queries, MedR by one.
+    The geometric mean is a function of R1, R5 and R10, checked here."""
+    for name, value in alone.items():
+        if name.startswith("geometric_mean"):
+            continue
+        tolerance = {"MedR": 1.0, "MeanR": 1.0 / num_queries}.get(name, 100.0 / num_queries)
+        assert abs(together[name] - value) <= tolerance + 1e-9, (where, name, together[name], value)
+
+
 def test_two_processes_run_the_recipe_as_one_process_does(tmp_path):
     """Teacher and distilled student trained by 2 processes x 2 devices (every process saving and
     restoring the Orbax checkpoints, reading the teacher back, evaluating) end as with 1 x 4."""
@@ -91,12 +104,20 @@ def test_two_processes_run_the_recipe_as_one_process_does(tmp_path):
 
     one, two = (json.loads((workdir / "report.json").read_text()) for workdir in (single, multi))
     assert set(one["models"]) == set(two["models"]) == {"teacher_rich", "student_teachtext"}
+    stores = run_stores(read_run_config(single / "student_teachtext/seed_0"))
     for run in ("teachers/teacher_rich", "student_teachtext/seed_0"):
         ran_alone, ran_together = (json.loads((w / run / "results.json").read_text()) for w in (single, multi))
+        # Evaluation does not depend on the process layout: the 2-process results are what this
+        # process measures for the same parameters.
+        here = evaluate(stores["test"], workdir=multi / run)
+        for direction in ("t2v", "v2t"):
+            assert here[direction] == ran_together["test"][direction], (run, direction)
+        # Training agrees to float32 reordering (below); metrics of the two models to one query.
         for split in ("val", "test"):
-            for direction in ("t2v", "v2t"):
-                assert ran_together[split][direction] == pytest.approx(ran_alone[split][direction], abs=1e-6), (
-                    run, split, direction)
+            captions = int(stores[split].caption_mask.sum())
+            for direction, queries in (("t2v", captions), ("v2t", stores[split].num_videos)):
+                assert_within_one_query(ran_together[split][direction], ran_alone[split][direction], queries,
+                                        (run, split, direction))
         assert ran_together["best_epoch"] == ran_alone["best_epoch"]
         alone = jax.device_get(load_trained(single / run).variables)
         together = jax.device_get(load_trained(multi / run).variables)

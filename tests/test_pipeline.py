@@ -15,6 +15,7 @@ import pytest
 from test_train import REPO, TINY, read_jsonl, tiny_config
 from tt_jax import interop, pipeline
 from tt_jax.config import ConfigError
+from tt_jax.errors import UserInputError
 from tt_jax.trained import RunDirectoryError, load_trained, read_results, read_run_config
 
 
@@ -43,9 +44,11 @@ def test_the_recipe_trains_every_model_and_reports_each_seed(recipe):
 def test_the_student_distils_from_the_teacher_the_baseline_does_not(recipe):
     workdir, _ = recipe
     distilled = read_run_config(workdir / "student_teachtext" / "seed_0")
-    assert [dict(t) for t in distilled.distillation.teachers] == [
-        {"name": "teacher_rich", "text_embedding": "rich", "checkpoint": str(workdir / "teachers" / "teacher_rich")}
+    assert [dict(t) for t in distilled.teachers] == [
+        {"name": "teacher_rich", "source": "recipe", "text_embedding": "rich", "model_changes": {"text_dim": 8},
+         "path": str(workdir / "teachers" / "teacher_rich"), "trust_pickle": False}
     ]
+    assert read_run_config(workdir / "student_baseline" / "seed_0").teachers == []
     assert distilled.data.text_embedding == "poor" and distilled.seed == 0
     assert read_run_config(workdir / "teachers" / "teacher_rich").model.text_dim == 8
     teachtext_rows = read_jsonl(workdir / "student_teachtext" / "seed_1" / "metrics.jsonl")
@@ -65,15 +68,19 @@ def test_rerunning_the_recipe_trains_nothing_again(recipe):
 def test_a_teacher_checkpoint_of_another_text_embedding_is_refused(recipe, tmp_path):
     workdir, _ = recipe
     config = tiny_config()
-    config.teachers = [dict(name="teacher_rich", text_embedding="poor", checkpoint=str(workdir / "teachers" / "teacher_rich"))]
+    config.teachers = [dict(name="teacher_rich", source="run", text_embedding="poor",
+                            path=str(workdir / "teachers" / "teacher_rich"))]
     config.pipeline.stages = ["student_teachtext"]
-    with pytest.raises(RunDirectoryError, match="should read the text embedding 'poor'.*trained on 'rich'"):
+    with pytest.raises(UserInputError, match="should read the text embedding 'poor'.*trained on 'rich'"):
         pipeline.run(config, tmp_path)
-    config.teachers = [dict(name="teacher_rich", text_embedding="rich", checkpoint=str(tmp_path / "nothing"))]
+    config.teachers = [dict(name="teacher_rich", source="run", text_embedding="rich", path=str(tmp_path / "nothing"))]
     with pytest.raises(RunDirectoryError, match="holds no training run"):
         pipeline.run(config, tmp_path)
-    config.teachers = [dict(name="teacher_rich", text_embedding="rich", epochs=3)]
+    config.teachers = [dict(name="teacher_rich", source="recipe", text_embedding="rich", epochs=3)]
     with pytest.raises(ConfigError, match=r"unknown keys \['epochs'\]"):
+        pipeline.run(config, tmp_path)
+    config.teachers = [dict(name="teacher_rich", source="run", text_embedding="rich")]
+    with pytest.raises(ConfigError, match=r"source 'run'.*lacks \['path'\]"):
         pipeline.run(config, tmp_path)
 
 
@@ -89,8 +96,8 @@ def save_as_reference_checkpoint(run_dir, path, **extra) -> None:
 
 def reference_teacher_config(checkpoint, **entry):
     config = tiny_config()
-    config.teachers = [dict(name="teacher_rich", text_embedding="rich", model=dict(text_dim=8),
-                            checkpoint=str(checkpoint), **entry)]
+    config.teachers = [dict(name="teacher_rich", source="reference", text_embedding="rich",
+                            model_changes=dict(text_dim=8), path=str(checkpoint), **entry)]
     config.pipeline.seeds = (0,)
     config.pipeline.stages = ("student_teachtext",)
     return config

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from test_release import REPO, dataset_config, shrunk, write_release_for
-from tt_jax.data.sources import load_splits, release_request
+from tt_jax.data.sources import release_request
+from tt_jax.train import data_needs, run_stores
 
 pytest.importorskip("tensorflow_datasets")
 from tt_jax.data import prepared  # noqa: E402
@@ -49,8 +50,8 @@ def test_a_prepared_release_gives_the_same_stores_and_batches(dataset, arg, part
     monkeypatch.setattr(prepared, "PART_BYTES", part_bytes)
     config = shrunk(dataset_config(dataset, arg), tmp_path / "data")
     write_release_for(config, tmp_path / "data")
-    pickled = load_splits(config.data, config.model)
-    request = release_request(config.data, config.model)
+    pickled = run_stores(config)
+    request = release_request(config.data, data_needs(config))
     directory = prepare_release(request, tmp_path / "tfds", num_shards=2)
     parts = json.loads((directory / prepared.SIZES_FILE).read_text())["train"]["parts"]
     assert (len(parts) > 2) == (part_bytes == 2000)
@@ -59,14 +60,14 @@ def test_a_prepared_release_gives_the_same_stores_and_batches(dataset, arg, part
         assert len(list(directory.glob(f"*{parts[0]}.array_record-*-of-00002"))) == 2
     with config.unlocked():
         config.data.source, config.data.tfds_dir = "tfds", str(tmp_path / "tfds")
-    loaded = load_splits(config.data, config.model)
+    loaded = run_stores(config)
     for split in ("train", "val", "test"):
         assert_same_store(loaded[split], pickled[split])
     if dataset == "activitynet":
         assert loaded["val"] is loaded["test"]  # val1 is written and loaded once
     # Identical batches: the same rows and caption slots from either source.
     videos, captions = np.array([3, 0, 5, 1]), np.array([[1], [0], [0], [2]]) % pickled["train"].max_captions
-    names = list(config.data.text_embeddings)
+    names = list(data_needs(config).text_max_tokens)
     batches = [side["train"].batch(videos, captions, text_names=names, max_text_tokens=5) for side in (loaded, pickled)]
     jax.tree.map(np.testing.assert_array_equal, *batches)
 
@@ -74,7 +75,7 @@ def test_a_prepared_release_gives_the_same_stores_and_batches(dataset, arg, part
 def test_an_altered_or_absent_prepared_dataset_is_refused(tmp_path):
     config = shrunk(dataset_config("didemo"), tmp_path / "data")
     write_release_for(config, tmp_path / "data")
-    request = release_request(config.data, config.model)
+    request = release_request(config.data, data_needs(config))
     with pytest.raises(PreparedDatasetError, match=r"holds no finished prepared dataset.*python -m tt_jax\.prepare"):
         load_prepared(request, tmp_path / "tfds")
     directory = prepare_release(request, tmp_path / "tfds")
@@ -104,4 +105,4 @@ def test_the_prepare_command_writes_what_training_reads(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "prepared msvd in" in done.stdout
-    assert prepared_dir(release_request(config.data, config.model), tmp_path / "tfds").is_dir()
+    assert prepared_dir(release_request(config.data, data_needs(config)), tmp_path / "tfds").is_dir()

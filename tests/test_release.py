@@ -19,7 +19,7 @@ from tt_jax.data.fake_release import write_fake_release
 from tt_jax.data.release import ReleaseError, ReleaseRequest, read_raw_captions, read_release
 from tt_jax.data.release_layout import DATASETS, DENOISING_FOLDER, TEACHER_FILES
 from tt_jax.data.safe_pickle import CorruptPickleError, UnsafePickleError
-from tt_jax.data.sources import load_splits
+from tt_jax.train import data_needs, run_stores
 from tt_jax.models import as_model_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -43,7 +43,8 @@ def shrunk(config, data_dir):
     text_name = config.data.text_embedding
     config.model.update(text_dim=TEXT_DIMS[text_name], text_vlad_clusters=2, text_max_tokens=5, shared_dim=8)
     for teacher in config.teachers:
-        teacher["model"] = dict(teacher["model"], text_dim=TEXT_DIMS[teacher["text_embedding"]])
+        if teacher.get("model_changes"):
+            teacher["model_changes"] = dict(teacher["model_changes"], text_dim=TEXT_DIMS[teacher["text_embedding"]])
     config.data_dir = str(data_dir)
     config.num_epochs = 1
     config.seeds = (0,)
@@ -54,7 +55,7 @@ def shrunk(config, data_dir):
 
 def write_release_for(config, data_dir, **options) -> pathlib.Path:
     model = as_model_config(config.model)
-    text_dims = {name: TEXT_DIMS[name] for name in config.data.text_embeddings}
+    text_dims = {name: TEXT_DIMS[name] for name in data_needs(config).text_max_tokens}
     return write_fake_release(
         data_dir, config.data.dataset, experts=model.experts, text_dims=text_dims,
         expert_files=dict(config.data.expert_files), **options,
@@ -71,7 +72,7 @@ def test_every_dataset_reads_back_what_its_release_files_hold(dataset, tmp_path)
     config = shrunk(dataset_config(dataset), tmp_path)
     root = write_release_for(config, tmp_path)
     layout = DATASETS[dataset]
-    stores = load_splits(config.data, config.model)
+    stores = run_stores(config)
     model = as_model_config(config.model)
     splits = layout.splits[layout.default_split]
     for split, list_file in (("train", splits.train), ("val", splits.val), ("test", splits.test)):
@@ -115,7 +116,7 @@ def test_every_dataset_reads_back_what_its_release_files_hold(dataset, tmp_path)
 def test_raw_captions_are_read_as_text(tmp_path):
     config = shrunk(dataset_config("msrvtt"), tmp_path)
     root = write_release_for(config, tmp_path)
-    store = load_splits(config.data, config.model)["test"]
+    store = run_stores(config)["test"]
     request = ReleaseRequest(dataset="msrvtt", data_dir=str(tmp_path), experts=(), text_max_tokens={})
     captions = read_raw_captions(request, store.video_ids[:2])
     words = read(root / "raw-captions.pkl")
@@ -127,7 +128,7 @@ def test_raw_captions_are_read_as_text(tmp_path):
 def test_fused_paragraphs_are_cut_after_stacking(tmp_path):
     config = shrunk(dataset_config("activitynet"), tmp_path)
     root = write_release_for(config, tmp_path, tokens_per_caption=(3, 3), captions_per_video=(3, 3))
-    store = load_splits(config.data, config.model)["train"]
+    store = run_stores(config)["train"]
     # Three sentences of three tokens: nine tokens, the first five kept (text_max_tokens 5).
     assert np.all(store.text["gpt2-xl-finetune"].lengths == 5)
     text = read(root / "aggregated_text_feats" / "gpt2-xl-finetune.pkl")
@@ -139,7 +140,7 @@ def test_fused_paragraphs_are_cut_after_stacking(tmp_path):
 def test_msrvtt_jsfusion_queries_each_test_video_with_its_fixed_caption(tmp_path):
     config = shrunk(dataset_config("msrvtt", "ce_plus,jsfusion"), tmp_path)
     root = write_release_for(config, tmp_path)
-    stores = load_splits(config.data, config.model)
+    stores = run_stores(config)
     index = read(root / "jsfusion_val_caption_idx.pkl")
     text = read(root / "aggregated_text_feats" / "gpt2-xl-finetune.pkl")
     test = stores["test"]
@@ -154,7 +155,7 @@ def test_msrvtt_jsfusion_queries_each_test_video_with_its_fixed_caption(tmp_path
 def test_precomputed_teachers_and_denoising_masks_cover_the_training_videos(tmp_path):
     config = shrunk(dataset_config("msrvtt", "tt_ce_plus,precomputed,less80"), tmp_path)
     root = write_release_for(config, tmp_path)
-    train = load_splits(config.data, config.model)["train"]
+    train = run_stores(config)["train"]
     assert list(train.video_ids) == (root / DENOISING_FOLDER / "denoise-less80.txt").read_text().split()
     masks = read(root / DENOISING_FOLDER / "denoise-less80.pkl")
     teacher = read(root / "teachers" / TEACHER_FILES["gpt2-xl"])
@@ -170,9 +171,9 @@ def test_precomputed_teachers_and_denoising_masks_cover_the_training_videos(tmp_
 def test_float16_storage_halves_the_features(tmp_path):
     config = shrunk(dataset_config("didemo"), tmp_path)
     write_release_for(config, tmp_path)
-    full = load_splits(config.data, config.model)["train"]
+    full = run_stores(config)["train"]
     config.data.feature_dtype = "float16"
-    half = load_splits(config.data, config.model)["train"]
+    half = run_stores(config)["train"]
     assert half.experts["scene.densenet161.0"].dtype == np.float16
     assert half.text["gpt2-xl-finetune"].tokens.nbytes * 2 == full.text["gpt2-xl-finetune"].tokens.nbytes
     np.testing.assert_allclose(half.experts["scene.densenet161.0"], full.experts["scene.densenet161.0"], rtol=1e-3, atol=1e-3)
@@ -354,13 +355,13 @@ def test_unknown_dataset_split_and_hickle_audio(release, tmp_path):
     with config.unlocked():
         config.data.expert_files = {}
     with pytest.raises(ReleaseError, match=r"vggish-raw\.hickle is an HDF5 \(hickle\) file"):
-        load_splits(config.data, config.model)
+        run_stores(config)
     (tmp_path / "q" / "QuerYD" / "structured-symlinks" / "aggregated_audio" / "vggish-raw.pickle").unlink()
     with config.unlocked():
         config.data.expert_files = {"audio": "aggregated_audio/vggish-raw.pickle"}
     with pytest.raises(ReleaseError, match=r"vggish-raw\.pickle does not exist: the release ships expert 'audio' as "
                                            r"aggregated_audio/vggish-raw\.hickle, which is an HDF5"):
-        load_splits(config.data, config.model)
+        run_stores(config)
 
 
 def test_unknown_config_variants_are_refused():
@@ -382,7 +383,8 @@ def test_every_dataset_config_builds_each_variant_with_the_reference_sizes(datas
         assert (config.train.optimizer == "radam") == plus
         assert bool(config.teachers) == arg.startswith("tt_")
         for teacher in config.teachers:
-            assert teacher["model"]["text_dim"] == {"w2v": 300, "gpt2-xl": 1600, "gpt2-xl-finetune": 1600}[teacher["text_embedding"]]
+            assert teacher["source"] == "recipe"  # live teachers by default
+            assert teacher["model_changes"]["text_dim"] == {"w2v": 300, "gpt2-xl": 1600, "gpt2-xl-finetune": 1600}[teacher["text_embedding"]]
         for expert in model.experts:
             assert expert.flaky == (expert.name in ("audio", "speech", "ocr", "face"))
     default = check_config(dataset_config(dataset))
@@ -413,7 +415,7 @@ def test_the_default_recipe_runs_on_every_dataset_config(dataset, tmp_path):
     ActivityNet in the default suite, the release's precomputed teachers), at test sizes."""
     config, results = run_recipe(dataset, FAST_RECIPES.get(dataset), tmp_path)
     students = {"student_teachtext", "student_baseline"}
-    teachers = {entry["name"] for entry in config.teachers}
+    teachers = {entry["name"] for entry in config.teachers if entry["source"] == "recipe"}  # trained by the recipe
     assert set(results) == students | teachers
     for name in students | teachers:
         for split in ("val", "test"):
@@ -465,7 +467,7 @@ def test_the_original_ce_openai_text_is_read_from_its_own_files(dataset, tmp_pat
     table = {}
     for name in files:
         table.update(read(root / name))
-    store = load_splits(config.data, config.model)["train"]
+    store = run_stores(config)["train"]
     for row, video in enumerate(store.video_ids):
         first = table[video][0][:5]
         got = store.text["openai"].padded(np.array([row]), np.zeros((1, 1), int), 5)[0, 0]
@@ -489,7 +491,7 @@ def test_a_bad_1k_a_caption_index(tmp_path):
     video = (root / "val_list_jsfusion.txt").read_text().split()[0]
     rewrite(root / "jsfusion_val_caption_idx.pkl", lambda t: t.__setitem__(video, 99))
     with pytest.raises(ReleaseError, match=rf"test video '{video}' has caption index 99, but \d captions"):
-        load_splits(config.data, config.model)
+        run_stores(config)
     rewrite(root / "jsfusion_val_caption_idx.pkl", lambda t: t.pop(video))
     with pytest.raises(ReleaseError, match=rf"has no caption index for test video '{video}'"):
-        load_splits(config.data, config.model)
+        run_stores(config)

@@ -18,7 +18,7 @@ import pytest
 from tt_jax import objective, optim, parallel, train
 from tt_jax.checkpoint import CheckpointError
 from tt_jax.config import ConfigError
-from tt_jax.data.sources import load_splits
+from tt_jax.train import run_stores
 from tt_jax.errors import UserInputError
 from tt_jax.evaluate import evaluate
 from tt_jax.models import build_model
@@ -53,7 +53,7 @@ def latest_steps(workdir: pathlib.Path) -> list[int]:
 
 def test_the_step_lowers_the_loss_and_distillation_pulls_towards_the_teacher():
     config = tiny_config()
-    store = load_splits(config.data, config.model)["train"]
+    store = run_stores(config)["train"]
     mesh = parallel.make_mesh(2)
     model_config = train.model_config_of(config)
     optimizer = optim.build_optimizer("radam", 1e-2, 1e-5)
@@ -99,7 +99,7 @@ def test_a_run_keeps_the_best_validation_epoch_and_tests_it(finished_run):
     assert (workdir / "config.json").is_file() and any((workdir / "tensorboard").iterdir())
 
     # The reported test metrics are those of the best checkpoint, recomputed independently here.
-    test_store = load_splits(baseline_config().data, baseline_config().model)["test"]
+    test_store = run_stores(baseline_config())["test"]
     again = evaluate(test_store, workdir=workdir)
     assert again["t2v"] == results["test"]["t2v"] and again["v2t"] == results["test"]["v2t"]
     # Training learned something: better than chance (24 test videos: chance R@10 = 10/24 = 42 %).
@@ -116,7 +116,7 @@ def test_the_learning_rate_decays_once_per_epoch(finished_run):
 def test_evaluation_in_chunks_equals_one_chunk_and_the_workdir_path(finished_run):
     workdir, _ = finished_run
     trained = load_trained(workdir)
-    store = load_splits(baseline_config().data, baseline_config().model)["val"]
+    store = run_stores(baseline_config())["val"]
     whole = evaluate(store, model=trained.model, variables=trained.variables, text_name="poor",
                      chunk_videos=1000, return_similarity=True)
     chunked = evaluate(store, workdir=workdir, chunk_videos=7, return_similarity=True)
@@ -136,18 +136,43 @@ def test_a_workdir_of_another_model_is_refused(finished_run, tmp_path):
     workdir, _ = finished_run
     other = baseline_config()
     other.model.shared_dim = 4
-    with pytest.raises(UserInputError, match="another model"):
+    with pytest.raises(UserInputError, match=r"another run: model\.shared_dim \(8 -> 4\)"):
         train.train_and_evaluate(other, workdir)
-    # The same with only checkpoints (the run had not finished): the fingerprint check refuses it.
+    # The same with only checkpoints (the run had not finished): the identity check refuses it.
     unfinished = tmp_path / "unfinished"
     train.train_and_evaluate(baseline_config(num_epochs=1), unfinished)
     (unfinished / "results.json").unlink()
-    with pytest.raises(CheckpointError, match=r"another model: model\.shared_dim \(saved 8, now 4\)"):
+    with pytest.raises(CheckpointError, match=r"another run: model\.shared_dim \(8 -> 4\)"):
         train.train_and_evaluate(other, unfinished)
 
 
+@pytest.mark.parametrize(
+    "key, value",
+    [("train.margin", 0.25), ("train.learning_rate", 0.02), ("train.weight_decay", 0.5), ("train.lr_decay_gamma", 0.5),
+     ("data.feature_dtype", "float16"), ("data.synthetic.caption_noise", 0.4)],
+)
+def test_a_rerun_with_another_objective_or_data_is_refused_not_answered_from_the_old_run(finished_run, key, value):
+    """Before, only the model, text, optimiser name, batch, seed and teacher names were compared:
+    these reruns silently returned the old results.json."""
+    workdir, _ = finished_run
+    other = baseline_config()
+    group, *middle, leaf = key.split(".")
+    node = other[group]
+    for part in middle:
+        node = node[part]
+    node[leaf] = value
+    with pytest.raises(UserInputError, match=rf"another run: {key.replace('.', '[.]')} \(.* -> {value!r}\)"):
+        train.train_and_evaluate(other, workdir)
+
+
+def test_a_rerun_may_change_only_the_restartable_keys(finished_run):
+    workdir, results = finished_run
+    again = baseline_config(log_every_steps=3, eval_chunk_videos=4, checkpoint_every_steps=2)
+    assert train.train_and_evaluate(again, workdir) == results
+
+
 def test_a_diverging_loss_stops_with_the_last_good_checkpoint(tmp_path):
-    with pytest.raises(train.TrainingDivergedError, match=r"became (nan|inf) at step \d+") as stopped:
+    with pytest.raises(train.TrainingDivergedError, match=r"became (nan|inf) by step \d+") as stopped:
         train.train_and_evaluate(baseline_config(learning_rate=1e38, checkpoint_every_steps=1), tmp_path)
     saved = latest_steps(tmp_path)
     if saved:  # every checkpoint that exists is finite and older than the failing step
@@ -251,3 +276,15 @@ def test_validation_every_n_epochs_and_after_the_last(tmp_path):
     assert [row["epoch"] for row in read_jsonl(tmp_path / "metrics.jsonl") if "epoch" in row] == [2, 3]
     assert results["best_epoch"] in (2, 3)
     assert latest_steps(tmp_path) == [12]
+
+
+def test_a_bucket_url_is_a_workdir_like_a_local_path():
+    """Run files go through etils.epath, as Orbax's checkpoints do, so `--workdir gs://...` works
+    on a pod (before, URLs were refused); the suite exercises the same calls on local paths."""
+    from etils import epath
+
+    from tt_jax.trained import checked_workdir
+
+    workdir = checked_workdir("gs://bucket/tt_jax/run")
+    assert isinstance(workdir, epath.Path)
+    assert str(workdir / "results.json") == "gs://bucket/tt_jax/run/results.json"

@@ -7,8 +7,8 @@ Layout under the run's workdir:
 
 `state` is the train state pytree (Orbax `StandardSave`: params, BatchNorm statistics, optimiser
 state, step); `meta` is a small JSON document holding the step, the sampler position, the metrics
-and the model fingerprint, so that the position, the metrics and a model mismatch can be read
-without loading any array.
+and the run's identity (`tt_jax.config.run_identity`), so that the position, the metrics and a
+mismatch can be read without loading any array.
 
 Why Orbax and not our own files: it writes every step into a temporary directory and renames it
 when complete, so a run killed mid-save (SIGKILL, preemption) leaves the previous checkpoint intact;
@@ -19,7 +19,7 @@ and on a pod it coordinates the processes. Every process must call every save an
 from __future__ import annotations
 
 import json
-import pathlib
+from etils import epath
 from typing import Any, Mapping, Optional
 
 import jax
@@ -28,6 +28,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from tt_jax.config import identity_differences
 from tt_jax.errors import UserInputError
 
 _STATE = "state"
@@ -50,16 +51,6 @@ def _as_json(value: Any, what: str) -> Any:
         return json.loads(json.dumps(value, default=convert))
     except (TypeError, ValueError) as error:
         raise CheckpointError(f"the checkpoint {what} must be JSON-serialisable: {error}") from error
-
-
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """A nested JSON dict as {"a.b.c": leaf}, so that a mismatch can name the keys that differ."""
-    if not isinstance(tree, dict):
-        return {prefix: tree}
-    flat = {}
-    for key, value in tree.items():
-        flat.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-    return flat
 
 
 def _must_be_finite(state: Any) -> Any:
@@ -99,9 +90,9 @@ def first_non_finite_leaf(state: Any) -> Optional[str]:
 class Checkpointer:
     """Latest and best checkpoints of one training run in `workdir/checkpoints/{latest,best}`.
 
-    Saves are asynchronous: `save_*` starts the device-to-host copy and returns; the files are
-    written in the background. `wait()` blocks until they are on disk; the restore methods wait
-    first. The state may be donated to the next train step at once: while Orbax still reads the
+    Saves are asynchronous: `save_*` waits for the previous save (of either kind) to be written,
+    starts the device-to-host copy and returns; the files are written in the background. `wait()`
+    blocks until they are on disk; the restore methods wait first. The state may be donated to the next train step at once: while Orbax still reads the
     buffers, XLA keeps them alive instead of reusing them (one extra allocation for that step).
     A save at a step that is not newer than the newest checkpoint of its kind is skipped (Orbax
     never overwrites a step); it is logged.
@@ -110,16 +101,18 @@ class Checkpointer:
     process's shards and lets only process 0 write the JSON metadata.
     """
 
-    def __init__(self, workdir, *, fingerprint: Mapping[str, Any], keep_latest: int = 1):
-        """fingerprint: JSON-able description of the model (model config, text embedding name...).
+    def __init__(self, workdir, *, identity: Mapping[str, Any], keep_latest: int = 1):
+        """identity: {key: value} of what the run trains (`tt_jax.config.run_identity`).
 
-        It is stored with every checkpoint, and restoring a checkpoint whose fingerprint differs
-        fails, so that a workdir is never silently resumed by a different model.
+        It is stored with every checkpoint, and restoring a checkpoint whose identity differs
+        fails, naming each differing key, so that a workdir is never silently resumed by a
+        different model or objective.
         """
         if keep_latest < 1:
             raise CheckpointError(f"keep_latest must be at least 1, got {keep_latest}")
-        self.directory = pathlib.Path(workdir).resolve() / "checkpoints"
-        self.fingerprint = _as_json(dict(fingerprint), "fingerprint")
+        workdir = epath.Path(workdir)
+        self.directory = (workdir if "://" in str(workdir) else workdir.resolve()) / "checkpoints"
+        self.identity = _as_json(dict(identity), "identity")
 
         def manager(name: str, max_to_keep: int) -> ocp.CheckpointManager:
             options = ocp.CheckpointManagerOptions(
@@ -159,11 +152,14 @@ class Checkpointer:
                 f"refusing to save the {kind} checkpoint at step {step}: {bad_leaf} holds NaN or inf. "
                 "Training diverged; lower the learning rate or resume from the previous checkpoint."
             )
+        # One save in flight at a time: each holds a host copy of the whole state until it is
+        # written, and `best` and `latest` are saved one after the other after a validation.
+        self.wait()
         meta = {
             "step": step,
             "position": _as_json(dict(position), "position"),
             "metrics": None if metrics is None else _as_json(dict(metrics), "metrics"),
-            "fingerprint": self.fingerprint,
+            "identity": self.identity,
         }
         saved = manager.save(
             step,
@@ -205,7 +201,7 @@ class Checkpointer:
         if step is None:
             return None
         meta = manager.restore(step, args=ocp.args.Composite(**{_META: ocp.args.JsonRestore()}))[_META]
-        self._check_fingerprint(meta.get("fingerprint"), kind, step)
+        self._check_identity(meta.get("identity"), kind, step)
         return {key: meta.get(key) for key in ("step", "position", "metrics")}
 
     def _restore(self, manager, kind: str, abstract_state: Any) -> Optional[tuple[Any, dict]]:
@@ -217,23 +213,17 @@ class Checkpointer:
         )
         return restored[_STATE], meta
 
-    def _check_fingerprint(self, saved: Any, kind: str, step: int) -> None:
-        if saved == self.fingerprint:
+    def _check_identity(self, saved: Any, kind: str, step: int) -> None:
+        if saved == self.identity:
             return
-        saved_flat = _flatten(saved if isinstance(saved, dict) else {"": saved})
-        ours_flat = _flatten(self.fingerprint)
-        differing = sorted(
-            key for key in saved_flat.keys() | ours_flat.keys() if saved_flat.get(key) != ours_flat.get(key)
-        )
-        shown = ", ".join(
-            f"{key} (saved {saved_flat.get(key, '<missing>')!r}, now {ours_flat.get(key, '<missing>')!r})"
-            for key in differing[:10]
-        )
-        more = f" and {len(differing) - 10} more" if len(differing) > 10 else ""
+        where = f"the {kind} checkpoint at step {step} in {self.directory}"
+        if not isinstance(saved, dict):
+            raise CheckpointError(
+                f"{where} records no run identity (an older tt_jax wrote it); choose a new --workdir or delete this one"
+            )
         raise CheckpointError(
-            f"the {kind} checkpoint at step {step} in {self.directory} was written by another model: "
-            f"{shown}{more} differ. This workdir belongs to that model; choose a new --workdir or "
-            "delete this one."
+            f"{where} was written by another run: {identity_differences(saved, self.identity)}. This workdir "
+            "belongs to that run; choose a new --workdir or delete this one."
         )
 
     # -- lifetime -------------------------------------------------------------------------------

@@ -1,23 +1,43 @@
-"""The experiment config: every key, its default, and the check that rejects unknown ones.
+"""The experiment config: every key, its default, the one check of a whole config, and a run's identity.
 
 A config file (`configs/*.py`) starts from `default_config()` and changes what it needs, so a
 typo in a file or on the command line (`--config.train.lerning_rate=...`) is an error that lists
-the valid keys, not a silently ignored setting. Free-form entries (the model, the synthetic
-generator's parameters, teacher entries) are checked where they are used.
+the valid keys, not a silently ignored setting. `check_config` validates everything (teacher
+entries included) before any data is loaded or anything compiles.
+
+Teachers are one list, `config.teachers`, of entries saying what each teacher is and what it reads:
+
+    source        "recipe"      trained by the recipe's teachers stage in <workdir>/teachers/<name>
+                  "run"         an existing run directory of ours (path: its workdir)
+                  "reference"   a reference PyTorch checkpoint (path: the .pth file)
+                  "precomputed" the release's teacher embeddings (the reference's teacher files)
+    text_embedding the text embedding it reads (for "precomputed": which release teacher file)
+    model_changes changes to `config.model` giving its architecture ("recipe", "reference");
+                  a "run" teacher's architecture is read from its run directory
+    path          where a "run" or "reference" teacher is
+    trust_pickle  a reference .pth may unpickle Python objects (only for files you trust)
+
+The data a run loads (text embeddings at the longest length any model reads, teacher files) is
+derived from the student and this list (`tt_jax.data.sources`), never kept in sync by hand.
+
+A run's identity (`run_identity`) is every key that changes what is trained; only the keys of
+`RESTARTABLE_KEYS` may change between restarts of one run (DESIGN decision 12).
 
 Defaults are the reference's TeachText settings where it has one (`teachtext_ce_spec.md`).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+import json
+from typing import Any, Mapping
 
 import ml_collections
 
 from tt_jax.errors import UserInputError
 
 # Keys whose values are free-form dicts or lists of dicts, checked by their consumers.
-_FREE_FORM = {"model", "data.synthetic", "data.expert_files", "teachers", "distillation.teachers"}
+_FREE_FORM = {"model", "data.synthetic", "data.expert_files", "teachers"}
 
 # Top-level shortcuts for the settings most often changed on the command line
 # (`--config.data_dir=/data --config.num_epochs=5 --config.seeds=0,1`): when set, they replace
@@ -25,6 +45,34 @@ _FREE_FORM = {"model", "data.synthetic", "data.expert_files", "teachers", "disti
 SHORTCUTS = {"data_dir": "data.data_dir", "num_epochs": "train.num_epochs", "seeds": "pipeline.seeds"}
 
 PIPELINE_STAGES = ("teachers", "student_teachtext", "student_baseline", "report")
+TEACHER_SOURCES = ("recipe", "run", "reference", "precomputed")
+TRANSFER_GUARDS = ("allow", "log", "disallow")
+
+# Keys of earlier config layouts, and what replaced them.
+_MOVED_KEYS = {
+    "distillation.teachers": "config.teachers entries with source='run' (path: the teacher's workdir) or "
+    "source='reference' (path: the .pth file, model_changes: its architecture)",
+    "distillation.precomputed_teachers": "config.teachers entries with source='precomputed'",
+    "data.teachers": "config.teachers entries with source='precomputed' (the files to load are derived from them)",
+    "data.text_embeddings": "nothing: the text embeddings to load are derived from data.text_embedding and "
+    "config.teachers; remove the key",
+}
+
+# Keys that may change between restarts of one run without changing what it trains: run length,
+# logging and checkpoint cadence, evaluation chunking, where the same data lives, and the
+# host-device transfer guard. Every other key is part of the run's identity.
+RESTARTABLE_KEYS = (
+    "train.num_epochs",
+    "train.log_every_steps",
+    "train.checkpoint_every_steps",
+    "train.eval_every_epochs",
+    "train.eval_chunk_videos",
+    "train.transfer_guard",
+    "data.data_dir",
+    "data.tfds_dir",
+)
+# Keys that describe the recipe around the runs (which runs, which seeds), not what one run trains.
+RECIPE_KEYS = ("pipeline", *SHORTCUTS)
 
 
 class ConfigError(UserInputError):
@@ -38,7 +86,8 @@ def default_config() -> ml_collections.ConfigDict:
     config.num_epochs = ml_collections.config_dict.placeholder(int)  # shortcut for train.num_epochs
     config.seeds = ml_collections.config_dict.placeholder(tuple)  # shortcut for pipeline.seeds
 
-    # The student (ModelConfig fields; see tt_jax/models/config.py).
+    # The student's architecture (ModelConfig fields; see tt_jax/models/config.py). "model" always
+    # means this: a teacher's architecture is the student's with the entry's model_changes.
     config.model = ml_collections.ConfigDict()
 
     config.data = ml_collections.ConfigDict()
@@ -50,10 +99,6 @@ def default_config() -> ml_collections.ConfigDict:
     config.data.data_dir = "data"  # the folder that holds the unpacked dataset folders
     config.data.split = ""  # the dataset's split choice ("" = its default, e.g. MSRVTT "full")
     config.data.root_feat_folder = ""  # "" = the dataset's (high-quality/structured-symlinks)
-    # Every text embedding the recipe reads (student and live teachers), loaded once for all its
-    # runs; empty: only data.text_embedding.
-    config.data.text_embeddings = ()
-    config.data.teachers = ()  # TeachText teacher files to load, by text embedding (precomputed teachers)
     config.data.denoising = ""  # "" | less100 | less80: caption masks (and the less80 train list)
     config.data.feature_dtype = "float32"  # float16 halves host memory
     config.data.expert_files = {}  # {expert: file under the feature root} replacing the dataset's
@@ -72,7 +117,7 @@ def default_config() -> ml_collections.ConfigDict:
     config.train.lr_decay_gamma = 0.95  # StepLR(step_size=1, gamma=0.95), once per epoch
     config.train.margin = 0.09381161988446174  # base_config.json MaxMarginRankingLoss margin
     config.train.fix_norm = True
-    config.train.log_every_steps = 50
+    config.train.log_every_steps = 50  # also how often the loss is checked for NaN/inf
     # Validation, the best-model choice and the `latest` checkpoint happen every this many epochs
     # (and after the last one); the reference validates after every epoch.
     config.train.eval_every_epochs = 1
@@ -81,19 +126,17 @@ def default_config() -> ml_collections.ConfigDict:
     # "default" keeps XLA's default (TF32/bf16 passes on some accelerators); "highest" asks for
     # full float32 matmuls, to compare GPU runs with CPU runs or the reference.
     config.train.matmul_precision = "default"
+    # jax.transfer_guard around the training loop: "disallow" makes an implicit host<->device copy
+    # an error (the loop makes only explicit ones), "log" reports them, "allow" ignores them.
+    config.train.transfer_guard = "disallow"
 
     config.distillation = ml_collections.ConfigDict()
     config.distillation.weight = 1.0  # the reference adds the loss unweighted
     config.distillation.aggregation = "mean"  # mean | min | max over teachers
     config.distillation.distance = "huber"  # huber (SmoothL1, beta 1) | l1 | l2
-    # Live teachers of this run: [{"name", "text_embedding", "checkpoint"}], checkpoint being the
-    # workdir of one of our runs, or a reference .pth (then also "model": the teacher's config).
-    config.distillation.teachers = []
-    # Names of teachers whose embeddings the dataset stores (the release format).
-    config.distillation.precomputed_teachers = []
 
-    # The recipe (tt_jax.pipeline): teachers to train, each {"name", "text_embedding", "model":
-    # changes to config.model, optional "checkpoint" to use instead of training one}.
+    # The run's teachers (see the module docstring): the distilled student reads every entry; the
+    # recipe trains the "recipe" ones first; the baseline student reads none.
     config.teachers = []
     config.pipeline = ml_collections.ConfigDict()
     config.pipeline.seeds = (0, 1, 2)  # student seeds (paper tables: mean ± std over seeds)
@@ -102,10 +145,110 @@ def default_config() -> ml_collections.ConfigDict:
     return config
 
 
+# -- teachers ------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherEntry:
+    """One checked entry of `config.teachers` (see the module docstring for the fields)."""
+
+    name: str
+    source: str
+    text_embedding: str
+    model_changes: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    path: str = ""
+    trust_pickle: bool = False
+
+    @property
+    def is_live(self) -> bool:
+        """Whether the teacher is a model run inside the student's step (else: stored embeddings)."""
+        return self.source != "precomputed"
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "model_changes": _plain(self.model_changes)}
+
+
+_TEACHER_FIELDS = tuple(field.name for field in dataclasses.fields(TeacherEntry))
+_TEACHER_REQUIRED = ("name", "source", "text_embedding")
+# Fields each source needs (beyond the required ones) and may not have.
+_NEEDS = {"recipe": (), "run": ("path",), "reference": ("path",), "precomputed": ()}
+_FORBIDS = {
+    "recipe": ("trust_pickle",),
+    "run": ("model_changes", "trust_pickle"),
+    "reference": (),
+    "precomputed": ("model_changes", "path", "trust_pickle"),
+}
+
+
+def teacher_entries(config: Any) -> list[TeacherEntry]:
+    """The checked `config.teachers`: one validator for the recipe and a single run alike."""
+    entries = []
+    for index, raw in enumerate(config.get("teachers") or ()):
+        where = f"config.teachers[{index}]"
+        if not hasattr(raw, "items"):
+            raise ConfigError(f"{where} must be a dict with keys {list(_TEACHER_FIELDS)}, got {raw!r}")
+        values = dict(raw.items())
+        unknown = sorted(set(values) - set(_TEACHER_FIELDS))
+        missing = [key for key in _TEACHER_REQUIRED if not values.get(key)]
+        if unknown or missing:
+            hint = " (checkpoint is now path, model is now model_changes)" if {"checkpoint", "model"} & set(unknown) else ""
+            raise ConfigError(
+                f"{where} {values}: missing keys {missing}, unknown keys {unknown}{hint}; an entry has "
+                f"{list(_TEACHER_FIELDS)}, of which {list(_TEACHER_REQUIRED)} are required"
+            )
+        source = values["source"]
+        if source not in TEACHER_SOURCES:
+            raise ConfigError(f"{where}.source is {source!r}; choose one of {list(TEACHER_SOURCES)}")
+        needed = [key for key in _NEEDS[source] if not values.get(key)]
+        forbidden = [key for key in _FORBIDS[source] if values.get(key)]
+        if needed or forbidden:
+            raise ConfigError(
+                f"{where} ({values['name']!r}, source {source!r}) needs {list(_NEEDS[source]) or 'nothing more'}"
+                f" and takes no {list(_FORBIDS[source])}; it lacks {needed} and sets {forbidden}"
+            )
+        changes = values.get("model_changes") or {}
+        if not hasattr(changes, "items"):
+            raise ConfigError(f"{where}.model_changes must be a dict of config.model keys, got {changes!r}")
+        entries.append(
+            TeacherEntry(
+                name=str(values["name"]),
+                source=source,
+                text_embedding=str(values["text_embedding"]),
+                model_changes=_plain(changes),
+                path=str(values.get("path") or ""),
+                trust_pickle=bool(values.get("trust_pickle", False)),
+            )
+        )
+    names = [entry.name for entry in entries]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ConfigError(f"config.teachers names must be unique; {repeated} appear more than once")
+    return entries
+
+
+def teacher_model_config(config: Any, entry: TeacherEntry) -> dict:
+    """The architecture of a "recipe" or "reference" teacher: config.model with its changes."""
+    model = _plain(config.model)
+    model.update(_plain(entry.model_changes))
+    return model
+
+
+# -- the whole config ----------------------------------------------------------------------------
+
+
+def _plain(value: Any) -> Any:
+    """ConfigDicts, tuples and FieldReferences as plain JSON values (dicts, lists, numbers)."""
+    if hasattr(value, "to_dict"):
+        value = value.to_dict()
+    return json.loads(json.dumps(value, sort_keys=True, default=list))
+
+
 def _unknown_keys(config: Any, reference: Any, prefix: str) -> list[tuple[str, list[str]]]:
     problems = []
     for key in config.keys():
         path = f"{prefix}{key}"
+        if path in _MOVED_KEYS:
+            raise ConfigError(f"config.{path} is no longer a key; use {_MOVED_KEYS[path]} (README: Teachers)")
         if key not in reference:
             problems.append((path, sorted(reference.keys())))
         elif path not in _FREE_FORM and isinstance(reference[key], ml_collections.ConfigDict):
@@ -128,7 +271,7 @@ def _merge_into(target: ml_collections.ConfigDict, source: Any) -> None:
 
 def check_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Returns `config` with every missing key filled from the defaults; raises ConfigError on an
-    unknown key, naming the valid ones."""
+    unknown key (naming the valid ones) or a value that names nothing."""
     reference = default_config()
     problems = _unknown_keys(config, reference, "")
     if problems:
@@ -150,6 +293,64 @@ def check_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
             f"train.num_epochs and train.eval_every_epochs must be at least 1, got "
             f"{merged.train.num_epochs} and {merged.train.eval_every_epochs}"
         )
+    if merged.train.transfer_guard not in TRANSFER_GUARDS:
+        raise ConfigError(
+            f"train.transfer_guard is {merged.train.transfer_guard!r}; choose one of {list(TRANSFER_GUARDS)}"
+        )
     if not merged.model:
         raise ConfigError("config.model is empty: describe the student (see configs/demo.py)")
+    teacher_entries(merged)
     return merged
+
+
+# -- a run's identity ----------------------------------------------------------------------------
+
+
+def _flatten(value: Any, prefix: str) -> dict[str, Any]:
+    """{"a.b[0].c": leaf} of a plain JSON value, so that a mismatch can name each key."""
+    if isinstance(value, dict):
+        flat = {}
+        for key in sorted(value):
+            flat.update(_flatten(value[key], f"{prefix}.{key}" if prefix else str(key)))
+        return flat if value or not prefix else {prefix: {}}
+    if isinstance(value, list) and any(isinstance(item, (dict, list)) for item in value):
+        flat = {}
+        for index, item in enumerate(value):
+            flat.update(_flatten(item, f"{prefix}[{index}]"))
+        return flat
+    return {prefix: value}
+
+
+def run_identity(config: Any) -> dict[str, Any]:
+    """{dotted key: value} of every setting of `config` (checked) that changes what is trained.
+
+    Everything but RESTARTABLE_KEYS and the recipe's own keys (and the distillation settings of a
+    run without teachers, which they do not change). A "recipe" teacher is identified
+    by its entry (and the rest of the config), not by where the recipe keeps its run directory,
+    so a recipe's workdir can move; `trust_pickle` is a permission, not a setting.
+    """
+    plain = _plain(config)
+    for key in RECIPE_KEYS:
+        plain.pop(key, None)
+    plain["teachers"] = [
+        {
+            key: value
+            for key, value in entry.to_dict().items()
+            if key != "trust_pickle" and not (key == "path" and entry.source == "recipe")
+        }
+        for entry in teacher_entries(config)
+    ]
+    flat = _flatten(plain, "")
+    for key in RESTARTABLE_KEYS:
+        flat.pop(key, None)
+    if not plain["teachers"]:  # without teachers the distillation settings change nothing
+        flat = {key: value for key, value in flat.items() if not key.startswith("distillation.")}
+    return flat
+
+
+def identity_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> str:
+    """"key (old value -> new value), ..." for every key on which two identities differ."""
+    saved, current = dict(saved), dict(current)
+    missing = "<not set>"
+    keys = sorted(key for key in saved.keys() | current.keys() if saved.get(key, missing) != current.get(key, missing))
+    return ", ".join(f"{key} ({saved.get(key, missing)!r} -> {current.get(key, missing)!r})" for key in keys)

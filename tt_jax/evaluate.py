@@ -1,9 +1,12 @@
-"""Retrieval evaluation of one model on a whole split, for the training loop and for notebooks.
+"""Retrieval evaluation of one model on one split: an `Evaluator` object for the training loop and
+for notebooks, and `evaluate(...)` as the one-call notebook entry point.
 
-The model embeds the split in fixed-size chunks of videos (one compiled function whatever the
-split's size: the last chunk is padded with repeated rows and trimmed), the [V*K, V] similarity
-matrix is built on device, and `tt_jax.metrics` ranks it. BatchNorm runs in eval mode, so
-chunking changes nothing.
+An `Evaluator` is built once per (model, split): it fixes the chunking of the split's videos and
+compiles one embedding function for that chunk shape, whatever the variables. `run(variables)`
+takes the variables where they live (on the mesh, during training): nothing is copied to the host
+and back. Each chunk of videos is split over the mesh's devices (BatchNorm runs in eval mode, so
+chunking and sharding change nothing), the [V*K, V] similarity matrix is built on device, and
+`tt_jax.metrics` ranks it.
 
     from tt_jax.evaluate import evaluate
     result = evaluate(store, workdir="runs/demo/student_teachtext/seed_0", return_similarity=True)
@@ -18,68 +21,96 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
-from tt_jax import metrics
+from tt_jax import metrics, parallel
 from tt_jax.data.feature_store import FeatureStore
 from tt_jax.errors import UserInputError
 from tt_jax.models import CENet, Embeddings
 from tt_jax.models.similarity import retrieval_similarity
+from tt_jax.trained import load_trained
 
 DEFAULT_CHUNK_VIDEOS = 256
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _embed_chunk(model: CENet, variables: Any, experts, availability, text) -> Embeddings:
-    return model.apply(variables, experts, availability, text, train=False)
-
-
 @functools.partial(jax.jit, static_argnums=1)
-def _similarity(embeddings: Embeddings, expert_names: tuple) -> jax.Array:
-    return retrieval_similarity(embeddings, expert_names)
+def _joined(chunks: list[Embeddings], num_videos: int) -> Embeddings:
+    """The chunks' rows in order, without the last chunk's padding."""
+    return jax.tree.map(lambda *leaves: jnp.concatenate(leaves)[:num_videos], *chunks)
 
 
-def embed_split(
-    model: CENet, variables: Any, store: FeatureStore, text_name: str, *, chunk_videos: int = DEFAULT_CHUNK_VIDEOS
-) -> Embeddings:
-    """Embeddings of every video and every caption slot of `store` (device arrays, V rows)."""
-    if chunk_videos <= 0:
-        raise UserInputError(f"chunk_videos must be positive, got {chunk_videos}")
-    num_videos = store.num_videos
-    chunk_videos = min(chunk_videos, num_videos)
-    chunks = []
-    for start in range(0, num_videos, chunk_videos):
-        rows = np.arange(start, min(start + chunk_videos, num_videos))
-        padded = np.concatenate([rows, np.full(chunk_videos - len(rows), rows[0])])
-        experts, availability, text, _ = store.eval_inputs(text_name, model.config.text_max_tokens, videos=padded)
-        embeddings = _embed_chunk(model, variables, experts, availability, text)
-        chunks.append(jax.tree.map(lambda leaf, n=len(rows): leaf[:n], embeddings))
-    return jax.tree.map(lambda *leaves: jnp.concatenate(leaves), *chunks)
+class Evaluator:
+    """Metrics of `model` reading `text_name` on `store`, for any variables of that model.
 
-
-def evaluate_variables(
-    model: CENet,
-    variables: Any,
-    store: FeatureStore,
-    text_name: str,
-    *,
-    chunk_videos: int = DEFAULT_CHUNK_VIDEOS,
-    first_caption_only: bool = False,
-    return_similarity: bool = False,
-) -> dict:
-    """{"t2v": metrics, "v2t": metrics} (plus "similarity" [V*K, V] as numpy when asked).
-
+    chunk_videos: videos embedded per call (rounded up to a multiple of the mesh's devices; the
+      last chunk is padded with repeated rows and trimmed), so memory does not grow with the split.
     first_caption_only: rank only each video's first caption, as the reference's validation
-    during training does (`num_test_captions: 1`).
+      during training does (`num_test_captions: 1`).
     """
-    embeddings = embed_split(model, variables, store, text_name, chunk_videos=chunk_videos)
-    sims = _similarity(embeddings, model.config.expert_names)
-    query_masks = np.asarray(store.caption_mask, np.float64)
-    if first_caption_only:
-        query_masks = query_masks * (np.arange(query_masks.shape[1]) == 0)
-    result = dict(metrics.retrieval_metrics(sims, query_masks))
-    if return_similarity:
-        result["similarity"] = np.asarray(sims)
-    return result
+
+    def __init__(
+        self,
+        model: CENet,
+        store: FeatureStore,
+        text_name: str,
+        *,
+        mesh: Optional[Mesh] = None,
+        chunk_videos: int = DEFAULT_CHUNK_VIDEOS,
+        first_caption_only: bool = False,
+    ):
+        if chunk_videos <= 0:
+            raise UserInputError(f"chunk_videos must be positive, got {chunk_videos}")
+        store.validate(model.config, text_name)
+        self.model, self.store, self.text_name = model, store, text_name
+        self.mesh = mesh if mesh is not None else parallel.make_mesh()
+        devices = self.mesh.size
+        chunk_videos = min(chunk_videos, store.num_videos)
+        self.chunk_videos = -(-chunk_videos // devices) * devices
+        query_masks = np.asarray(store.caption_mask, np.float64)
+        if first_caption_only:
+            query_masks = query_masks * (np.arange(query_masks.shape[1]) == 0)
+        self.query_masks = query_masks
+        config = model.config
+        self._embed = jax.jit(
+            functools.partial(model.apply, train=False),
+            out_shardings=parallel.batch_sharded(self.mesh),
+        )
+        self._similarity = jax.jit(
+            functools.partial(
+                retrieval_similarity,
+                expert_names=config.expert_names,
+                keep_missing_modalities=config.keep_missing_modalities,
+            ),
+            out_shardings=parallel.replicated(self.mesh),
+        )
+
+    def _chunk_inputs(self, start: int) -> tuple[dict, dict, jax.Array]:
+        """The model's inputs for the chunk of videos from `start`, split over the mesh."""
+        rows = np.arange(start, min(start + self.chunk_videos, self.store.num_videos))
+        padded = np.concatenate([rows, np.full(self.chunk_videos - len(rows), rows[0])])
+        experts, availability, text, _ = self.store.eval_inputs(
+            self.text_name, self.model.config.text_max_tokens, videos=padded
+        )
+        names = self.model.config.expert_names
+        host = ({name: experts[name] for name in names}, {name: availability[name] for name in names}, text)
+        return parallel.shard_host_arrays(host, self.mesh)
+
+    def embed(self, variables: Any) -> Embeddings:
+        """Embeddings of every video and caption slot of the split (device arrays, V rows)."""
+        chunks = [
+            self._embed(variables, *self._chunk_inputs(start))
+            for start in range(0, self.store.num_videos, self.chunk_videos)
+        ]
+        return _joined(chunks, self.store.num_videos)
+
+    def run(self, variables: Any, *, return_similarity: bool = False) -> dict:
+        """{"t2v": metrics, "v2t": metrics} (plus "similarity" [V*K, V] as numpy when asked;
+        row v*K + k is caption k of video v)."""
+        sims = self._similarity(self.embed(variables))
+        result = dict(metrics.retrieval_metrics(sims, self.query_masks))
+        if return_similarity:
+            result["similarity"] = np.asarray(jax.device_get(sims))
+        return result
 
 
 def evaluate(
@@ -104,21 +135,15 @@ def evaluate(
     """
     if (workdir is None) == (model is None):
         raise UserInputError("evaluate needs either workdir=... or model=... and variables=..., not both")
+    mesh = parallel.make_mesh()
     if workdir is not None:
-        from tt_jax.trained import load_trained  # the run directory format lives with training
-
-        trained = load_trained(workdir, checkpoint=checkpoint)
+        trained = load_trained(workdir, checkpoint=checkpoint, sharding=parallel.replicated(mesh))
         model, variables = trained.model, trained.variables
         text_name = text_name or trained.text_name
     if variables is None or text_name is None:
         raise UserInputError("evaluate(model=...) also needs variables=... and text_name=...")
-    store.validate(model.config, text_name)
-    return evaluate_variables(
-        model,
-        variables,
-        store,
-        text_name,
-        chunk_videos=chunk_videos,
-        first_caption_only=first_caption_only,
-        return_similarity=return_similarity,
+    variables = jax.device_put(variables, parallel.replicated(mesh))
+    evaluator = Evaluator(
+        model, store, text_name, mesh=mesh, chunk_videos=chunk_videos, first_caption_only=first_caption_only
     )
+    return evaluator.run(variables, return_similarity=return_similarity)

@@ -405,6 +405,14 @@ def _validated_layout(sims: Any, query_masks: Any) -> tuple[Any, np.ndarray]:
     return sims, masks
 
 
+def _placed_with(host: np.ndarray, sims: jax.Array) -> jax.Array:
+    """`host` on the devices of `sims` (replicated over its mesh), in one explicit transfer."""
+    sharding = sims.sharding
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+    return jax.device_put(host, sharding)
+
+
 def _checked_ranks(
     sims: Any, query_masks: Any, chunk_size: int | None, missing_caption_sentinel: bool
 ) -> tuple[jax.Array, jax.Array, np.ndarray]:
@@ -415,7 +423,7 @@ def _checked_ranks(
         platform = next(iter(sims.devices())).platform
         t2v_ranks, v2t_ranks, non_finite = _checked_ranks_on_device(
             sims,
-            caption_is_real,
+            _placed_with(caption_is_real, sims),
             chunk_size=_chunk_rows(*sims.shape, chunk_size, platform),
             missing_caption_sentinel=missing_caption_sentinel,
         )
@@ -423,7 +431,7 @@ def _checked_ranks(
         t2v_ranks, v2t_ranks, non_finite = _ranks_streamed_from_host(
             sims, caption_is_real, chunk_size, missing_caption_sentinel
         )
-    non_finite = int(non_finite)
+    non_finite = int(jax.device_get(non_finite))
     if non_finite:
         row, column = _first_non_finite(sims, _chunk_rows(*sims.shape, chunk_size))
         raise ValueError(

@@ -19,7 +19,7 @@ from tt_jax import losses
 from tt_jax.errors import UserInputError
 from tt_jax.models import CENet
 from tt_jax.parallel import DATA_AXIS, first_local_row, gather_rows, sum_over_devices
-from tt_jax.teachers import Teacher, similarity_rows, teacher_similarity_rows
+from tt_jax.teachers import Teacher, model_text, similarity_rows, teacher_similarity_rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,12 +66,12 @@ def make_objective(
 
     `student` must be built with axis_name="data" (BatchNorm synchronised over the mesh).
     batch holds global batch-sharded arrays: "experts", "availability", "text" (text embedding
-    name -> [B, 1, N, D]) and, for precomputed teachers, "teacher_embeddings".
+    name -> [B, 1, N, D], N the longest length any model reads) and, for precomputed teachers,
+    "teacher_embeddings".
     teacher_variables: {teacher name: variables} for the live teachers (replicated).
     """
     if student.axis_name != DATA_AXIS:
         raise ValueError(f"the student must be built with axis_name={DATA_AXIS!r} to train on a mesh")
-    expert_names = student.config.expert_names
     teachers = tuple(teachers)
 
     def local_objective(params, batch_stats, teacher_variables, batch):
@@ -79,11 +79,11 @@ def make_objective(
             {"params": params, "batch_stats": batch_stats},
             batch["experts"],
             batch["availability"],
-            batch["text"][student_text],
+            model_text(batch, student_text, student.config),
             train=True,
             mutable=["batch_stats"],
         )
-        rows = similarity_rows(embeddings, expert_names)  # [b, B]
+        rows = similarity_rows(embeddings, student.config)  # [b, B]
         local_rows, global_batch = rows.shape
         first_row = first_local_row(local_rows)
         row_positives = rows[jnp.arange(local_rows), first_row + jnp.arange(local_rows)]

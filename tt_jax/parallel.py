@@ -48,6 +48,13 @@ def check_batch_divisible(global_batch_size: int, mesh: Mesh) -> None:
         )
 
 
+def _explicit_transfer():
+    """A block whose host-to-device copies are intended. JAX's multi-process array constructors
+    place data through callbacks that `jax.transfer_guard("disallow")` counts as implicit copies;
+    the training loop runs under that guard to catch every copy but these."""
+    return jax.transfer_guard_host_to_device("allow")
+
+
 def put_replicated(tree: Any, mesh: Mesh) -> Any:
     """Copies a host pytree to every device of the mesh."""
     return jax.device_put(tree, replicated(mesh))
@@ -65,7 +72,21 @@ def global_batch_from_process_data(local_batch: Any, mesh: Mesh) -> Any:
         global_shape = (leaf.shape[0] * jax.process_count(),) + leaf.shape[1:]
         return jax.make_array_from_process_local_data(sharding, leaf, global_shape)
 
-    return jax.tree.map(to_global, local_batch)
+    with _explicit_transfer():
+        return jax.tree.map(to_global, local_batch)
+
+
+def shard_host_arrays(tree: Any, mesh: Mesh) -> Any:
+    """Global batch-sharded arrays from host arrays that every process holds whole (evaluation
+    inputs): each process places the rows of its own devices."""
+    sharding = batch_sharded(mesh)
+
+    def to_global(leaf):
+        leaf = np.asarray(leaf)
+        return jax.make_array_from_callback(leaf.shape, sharding, lambda index: leaf[index])
+
+    with _explicit_transfer():
+        return jax.tree.map(to_global, tree)
 
 
 def gather_rows(x: jax.Array) -> jax.Array:
@@ -92,5 +113,6 @@ __all__ = [
     "make_mesh",
     "put_replicated",
     "replicated",
+    "shard_host_arrays",
     "sum_over_devices",
 ]

@@ -1,19 +1,21 @@
 """The TeachText recipe from one config: teachers, the distilled student, the baseline, a report.
 
-    <workdir>/teachers/<name>/                one run per teacher (config.teachers)
+    <workdir>/teachers/<name>/                one run per "recipe" teacher of config.teachers
     <workdir>/student_teachtext/seed_<s>/     the student distilled from every teacher
     <workdir>/student_baseline/seed_<s>/      the same student without distillation
     <workdir>/report.json, report.md          every model's val and test metrics, mean ± std
 
 Each run resumes from its workdir and is skipped once it has finished, so rerunning the same
 command after an interruption (or with more seeds) only does what is missing. `pipeline.stages`
-selects the stages to run; the report covers every run that has finished.
+selects the stages to run; the report covers every run that has finished. The data is loaded
+once, with what every run of the recipe reads, and handed to each run.
 """
 
 from __future__ import annotations
 
 import copy
-import pathlib
+import dataclasses
+from etils import epath
 from typing import Any, Mapping
 
 import jax
@@ -21,37 +23,38 @@ import ml_collections
 from absl import logging
 
 from tt_jax import reporting, train
-from tt_jax.config import ConfigError, check_config
+from tt_jax.config import ConfigError, TeacherEntry, check_config, teacher_entries, teacher_model_config
+from tt_jax.data.sources import DataNeeds, load_splits
+from tt_jax.host_memory import release_finished_run
 from tt_jax.trained import checked_workdir, read_results
 
 STUDENT_TEACHTEXT = "student_teachtext"
 STUDENT_BASELINE = "student_baseline"
 
 
-def _teacher_entries(config: ml_collections.ConfigDict) -> list[dict]:
-    entries = []
-    for entry in config.teachers:
-        entry = dict(entry)
-        unknown = sorted(set(entry) - {"name", "text_embedding", "model", "checkpoint", "trust_pickle"})
-        missing = sorted({"name", "text_embedding"} - set(entry))
-        if unknown or missing:
-            raise ConfigError(
-                f"config.teachers entry {entry}: missing keys {missing}, unknown keys {unknown}; an entry has "
-                "name, text_embedding and optionally model (changes to config.model), checkpoint, trust_pickle"
-            )
-        entries.append(entry)
-    names = [entry["name"] for entry in entries]
-    if len(set(names)) != len(names) or any(name in (STUDENT_TEACHTEXT, STUDENT_BASELINE) for name in names):
-        raise ConfigError(f"teacher names must be unique and not a student's name, got {names}")
+@dataclasses.dataclass(frozen=True)
+class RecipeRun:
+    """One training run of the recipe."""
+
+    stage: str
+    name: str  # the model's name in the report
+    seed: int
+    workdir: epath.Path
+    config: ml_collections.ConfigDict
+
+
+def _entries(config: ml_collections.ConfigDict) -> list[TeacherEntry]:
+    entries = teacher_entries(config)
+    clashing = [entry.name for entry in entries if entry.name in (STUDENT_TEACHTEXT, STUDENT_BASELINE)]
+    if clashing:
+        raise ConfigError(f"teacher names {clashing} are the students' names; rename them in config.teachers")
     return entries
 
 
 def _run_config(config: ml_collections.ConfigDict, changes: Mapping[str, Any]) -> ml_collections.ConfigDict:
-    """A copy of `config` for one run: the recipe-level teachers cleared, `changes` ({"a.b": value})
-    applied."""
+    """A copy of `config` for one run, with `changes` ({"a.b": value}) applied."""
     run = copy.deepcopy(config)
     with run.unlocked():
-        run.teachers = []
         for dotted, value in changes.items():
             *parents, leaf = dotted.split(".")
             node = run
@@ -61,63 +64,65 @@ def _run_config(config: ml_collections.ConfigDict, changes: Mapping[str, Any]) -
     return run
 
 
-def teacher_config(config: ml_collections.ConfigDict, entry: Mapping[str, Any]) -> ml_collections.ConfigDict:
-    """The run config that trains the teacher `entry` (the student's model with its changes)."""
-    model = config.model.to_dict()
-    model.update(dict(entry.get("model", {})))
+def teacher_config(config: ml_collections.ConfigDict, entry: TeacherEntry) -> ml_collections.ConfigDict:
+    """The run config that trains the "recipe" teacher `entry` (the student's model with its
+    model_changes, reading its text embedding, without teachers of its own)."""
     return _run_config(
         config,
         {
-            "model": ml_collections.ConfigDict(model),
+            "model": ml_collections.ConfigDict(teacher_model_config(config, entry)),
             "seed": config.pipeline.teacher_seed,
-            "data.text_embedding": entry["text_embedding"],
-            "distillation.teachers": [],
-            "distillation.precomputed_teachers": [],
+            "data.text_embedding": entry.text_embedding,
+            "teachers": [],
         },
     )
 
 
-def teacher_checkpoint(workdir: pathlib.Path, entry: Mapping[str, Any]) -> str:
-    """Where the student reads teacher `entry` from: its given checkpoint or its run here."""
-    return str(entry.get("checkpoint") or workdir / "teachers" / entry["name"])
-
-
 def student_config(
-    config: ml_collections.ConfigDict, workdir: pathlib.Path, seed: int, *, distilled: bool
+    config: ml_collections.ConfigDict, workdir: epath.Path, seed: int, *, distilled: bool
 ) -> ml_collections.ConfigDict:
-    if not distilled:
-        return _run_config(
-            config, {"seed": seed, "distillation.teachers": [], "distillation.precomputed_teachers": []}
-        )
+    """The run config of a student: every teacher of the list ("recipe" ones read from their runs
+    in `workdir/teachers/`), or none for the baseline."""
     teachers = []
-    for entry in _teacher_entries(config):
-        teacher = {"name": entry["name"], "text_embedding": entry["text_embedding"]}
-        teacher["checkpoint"] = teacher_checkpoint(workdir, entry)
-        if train.is_reference_checkpoint(teacher["checkpoint"]):  # the converter needs the architecture
-            teacher["model"] = teacher_config(config, entry).model.to_dict()
-            teacher["trust_pickle"] = bool(entry.get("trust_pickle", False))
-        teachers.append(teacher)
-    return _run_config(config, {"seed": seed, "distillation.teachers": teachers})
+    if distilled:
+        for entry in _entries(config):
+            if entry.source == "recipe":
+                entry = dataclasses.replace(entry, path=str(workdir / "teachers" / entry.name))
+            teachers.append(entry.to_dict())
+    return _run_config(config, {"seed": seed, "teachers": teachers})
 
 
-def _runs(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> list[tuple[str, str, Any, Any]]:
-    """(stage, model name, seed, run workdir) of every run of the recipe, in training order."""
+def recipe_runs(config: ml_collections.ConfigDict, workdir: epath.Path) -> list[RecipeRun]:
+    """Every run of the recipe, in training order."""
     runs = []
-    for entry in _teacher_entries(config):
-        if not entry.get("checkpoint"):
-            runs.append(("teachers", entry["name"], config.pipeline.teacher_seed, workdir / "teachers" / entry["name"]))
-    for seed in config.pipeline.seeds:
-        runs.append((STUDENT_TEACHTEXT, STUDENT_TEACHTEXT, seed, workdir / STUDENT_TEACHTEXT / f"seed_{seed}"))
-    for seed in config.pipeline.seeds:
-        runs.append((STUDENT_BASELINE, STUDENT_BASELINE, seed, workdir / STUDENT_BASELINE / f"seed_{seed}"))
+    for entry in _entries(config):
+        if entry.source == "recipe":
+            runs.append(
+                RecipeRun("teachers", entry.name, config.pipeline.teacher_seed, workdir / "teachers" / entry.name,
+                          teacher_config(config, entry))
+            )
+    for stage, distilled in ((STUDENT_TEACHTEXT, True), (STUDENT_BASELINE, False)):
+        for seed in config.pipeline.seeds:
+            runs.append(
+                RecipeRun(stage, stage, seed, workdir / stage / f"seed_{seed}",
+                          student_config(config, workdir, seed, distilled=distilled))
+            )
     return runs
 
 
-def _config_for(config, workdir, stage: str, name: str, seed: int) -> ml_collections.ConfigDict:
-    if stage == "teachers":
-        entry = next(entry for entry in _teacher_entries(config) if entry["name"] == name)
-        return teacher_config(config, entry)
-    return student_config(config, workdir, seed, distilled=stage == STUDENT_TEACHTEXT)
+def _is_finished(run: RecipeRun) -> bool:
+    finished = read_results(run.workdir)
+    return finished is not None and finished.get("num_epochs") == run.config.train.num_epochs
+
+
+def recipe_data_needs(runs: list[RecipeRun]) -> DataNeeds:
+    """What any of `runs` reads: the recipe loads it once for all of them."""
+    readers, precomputed = [], []
+    for run in runs:
+        run_readers, run_precomputed = train.data_readers(run.config)
+        readers += run_readers
+        precomputed += run_precomputed
+    return DataNeeds.of(readers, precomputed)
 
 
 def run(config: ml_collections.ConfigDict, workdir) -> dict:
@@ -126,27 +131,32 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
     config = check_config(config)
     workdir = checked_workdir(workdir)
     stages = set(config.pipeline.stages)
-    if STUDENT_TEACHTEXT in stages and not config.teachers and not config.distillation.precomputed_teachers:
+    if STUDENT_TEACHTEXT in stages and not _entries(config):
         raise ConfigError(
-            "the student_teachtext stage needs teachers: list them in config.teachers (or "
-            "config.distillation.precomputed_teachers), or leave the stage out of pipeline.stages"
+            "the student_teachtext stage needs teachers: list them in config.teachers, or leave the stage "
+            "out of pipeline.stages"
         )
-    runs = _runs(config, workdir)
-    for stage, name, seed, run_dir in runs:
-        if stage not in stages:
-            continue
-        logging.info("%s: training %s (seed %s) in %s", stage, name, seed, run_dir)
-        train.train_and_evaluate(_config_for(config, workdir, stage, name, seed), run_dir)
+    runs = recipe_runs(config, workdir)
+    selected = [run for run in runs if run.stage in stages]
+    to_train = [run for run in selected if not _is_finished(run)]
+    # One copy of the data for every run (a release can take most of host memory); finished
+    # runs only check their results, so nothing is loaded when every run has finished.
+    stores = load_splits(config.data, recipe_data_needs(to_train)) if to_train else None
+    for recipe_run in selected:
+        logging.info("%s: %s (seed %s) in %s", recipe_run.stage, recipe_run.name, recipe_run.seed, recipe_run.workdir)
+        train.train_and_evaluate(recipe_run.config, recipe_run.workdir, stores=stores)
+        release_finished_run()  # each run starts from what the recipe holds: the stores
+    del stores
 
     results: dict = {}
-    for stage, name, seed, run_dir in runs:
-        finished = read_results(run_dir)
+    for recipe_run in runs:
+        finished = read_results(recipe_run.workdir)
         if finished is None:
             continue
-        entry = results.setdefault(name, {"num_parameters": finished["num_parameters"]})
+        entry = results.setdefault(recipe_run.name, {"num_parameters": finished["num_parameters"]})
         for split in ("val", "test"):
             if split in finished:
-                entry.setdefault(split, {})[seed] = finished[split]
+                entry.setdefault(split, {})[recipe_run.seed] = finished[split]
     if "report" in stages and results:
         reporting.write_report(workdir, results, is_main_process=jax.process_index() == 0)
     return results

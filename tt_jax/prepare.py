@@ -26,10 +26,11 @@ def main(argv: list[str]) -> int:
     from tt_jax.data.prepared import prepare_release
     from tt_jax.data.sources import release_request
     from tt_jax.errors import UserInputError
+    from tt_jax.train import data_needs
 
     try:
         config = check_config(_CONFIG.value)
-        request = release_request(config.data, config.model)
+        request = release_request(config.data, data_needs(config))
         directory = prepare_release(request, _TFDS_DIR.value, num_shards=_NUM_SHARDS.value)
     except UserInputError as error:
         logging.error("%s", error)

@@ -180,19 +180,16 @@ def release_config(settings: DatasetSettings, arg: Optional[str] = None) -> ml_c
     config.train.margin = numbers["margin"]
     config.train.lr_decay_gamma = 0.95  # base_config.json StepLR(step_size=1, gamma=0.95)
 
-    config.data.text_embeddings = (text_name,)
-    if distilled and choice["teachers"] == "live":
-        # The teachers: CE models of the student's experts (for tt_ce_plus the refined ones, as the
-        # release's teachers), one per text embedding, trained by the recipe (pipeline stage
-        # "teachers") when their checkpoints are absent.
+    if distilled:
+        # The teachers, one per text embedding: with "live", CE models of the student's experts
+        # (for tt_ce_plus the refined ones, as the release's teachers) trained by the recipe
+        # (pipeline stage "teachers"); with "precomputed", the release's teacher files.
+        source = "recipe" if choice["teachers"] == "live" else "precomputed"
         config.teachers = [
-            dict(name=f"teacher_{embedding}", text_embedding=embedding, model=dict(text_dim=TEXT_EMBEDDING_DIMS[embedding]))
+            dict(name=f"teacher_{embedding}", source=source, text_embedding=embedding)
+            | ({"model_changes": dict(text_dim=TEXT_EMBEDDING_DIMS[embedding])} if source == "recipe" else {})
             for embedding in TEACHER_FILES
         ]
-        config.data.text_embeddings = tuple(sorted({text_name, *TEACHER_FILES}))
-    elif distilled:
-        config.data.teachers = tuple(TEACHER_FILES)
-        config.distillation.precomputed_teachers = list(TEACHER_FILES)
     if not distilled:
         config.pipeline.stages = ("student_baseline", "report")
     return config

@@ -14,7 +14,7 @@ Files under a workdir:
 from __future__ import annotations
 
 import json
-import pathlib
+from etils import epath
 import sys
 import time
 from typing import Any, Iterable, Iterator, Mapping, Optional, TypeVar
@@ -65,13 +65,13 @@ class MetricWriter:
 
     def __init__(self, workdir, *, is_main_process: bool):
         self.enabled = is_main_process
-        self.workdir = pathlib.Path(workdir)
+        self.workdir = epath.Path(workdir)
         self._jsonl = None
         self._tensorboard = None
         if not self.enabled:
             return
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(self.workdir / "metrics.jsonl", "a", encoding="utf-8")
+        self._jsonl = (self.workdir / "metrics.jsonl").open("a", encoding="utf-8")
         self._tensorboard = tensorboardX.SummaryWriter(logdir=str(self.workdir / "tensorboard"))
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
@@ -242,7 +242,7 @@ def write_report(workdir, results: Mapping[str, Mapping[str, Any]], *, is_main_p
     markdown = "# Retrieval results\n\n" + report_tables(results)
     if not is_main_process:
         return
-    workdir = pathlib.Path(workdir)
+    workdir = epath.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "report.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     (workdir / "report.md").write_text(markdown, encoding="utf-8")

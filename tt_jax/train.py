@@ -1,22 +1,28 @@
-"""Training one model: the jitted step, and the epoch loop around it.
+"""Training one model, top to bottom: `train_and_evaluate(config, workdir)`.
 
-`train_and_evaluate(config, workdir)` trains `config.model` reading `config.data.text_embedding`,
-distilling from `config.distillation`'s teachers when it names any:
+The student `config.model` reads `config.data.text_embedding` and is distilled from the entries of
+`config.teachers` (none: the ranking loss alone). In order, `_train` sets up the data, the mesh,
+the train state (created directly where it lives), the teachers, the compiled step and the
+evaluators, resumes from the workdir, runs the epochs and writes the results:
 
 * every epoch is one pass over the training videos in the stateless sampler's order (one caption
-  per video), then a validation pass; the best epoch by validation t2v geometric mean is kept
-  (ties: the later epoch, as the reference); the learning rate decays once per epoch;
+  per video); every `train.eval_every_epochs` epochs (and after the last) a validation pass picks
+  the best epoch by validation t2v geometric mean (ties: the later epoch, as the reference); the
+  learning rate decays once per epoch;
 * `latest` and `best` Orbax checkpoints hold the train state and the sampler position, so a run
-  restarted in its workdir continues exactly where the last checkpoint left it;
-* SIGTERM saves `latest` and raises `Preempted`; a non-finite loss raises
-  `TrainingDivergedError` without saving anything after the last good checkpoint;
+  restarted in its workdir continues exactly where the last checkpoint left it, and only if the
+  config describes the same run (`tt_jax.config.run_identity`);
+* the loss is read back to the host only at logging steps and before each save (where a NaN or inf
+  raises `TrainingDivergedError` and nothing non-finite is ever saved), so the device queue is never
+  drained by the loop; the loop runs under `jax.transfer_guard(train.transfer_guard)`;
+* SIGTERM saves `latest` and raises `Preempted`;
 * at the end the best checkpoint is evaluated on the test split and `results.json` is written.
 """
 
 from __future__ import annotations
 
 import contextlib
-import pathlib
+from etils import epath
 import signal
 import time
 from typing import Any, Callable, Iterator, Mapping, Optional
@@ -27,34 +33,33 @@ import numpy as np
 import optax
 from absl import logging
 
-from tt_jax import parallel
+from tt_jax import optim, parallel
 from tt_jax.checkpoint import Checkpointer
-from tt_jax.config import check_config
+from tt_jax.config import TeacherEntry, check_config, run_identity, teacher_entries
 from tt_jax.data import sampler
 from tt_jax.data.feature_store import FeatureStore
-from tt_jax.data.sources import load_splits
+from tt_jax.data.sources import DataNeeds, load_splits
 from tt_jax.errors import UserInputError
-from tt_jax.evaluate import evaluate_variables
-from tt_jax.interop import from_reference_state_dict, load_reference_checkpoint
+from tt_jax.evaluate import Evaluator
 from tt_jax.metrics import METRIC_NAMES
-from tt_jax.models import ModelConfig, as_model_config, build_model, count_parameters
+from tt_jax.models import build_model, count_parameters
 from tt_jax.objective import ObjectiveOptions, make_objective
 from tt_jax.reporting import MetricWriter, progress
-from tt_jax.teachers import LiveTeacher, PrecomputedTeacher, Teacher
+from tt_jax.teachers import PrecomputedTeacher, live_model_config, load_teachers
 from tt_jax.train_state import TrainState, abstract_train_state, create_train_state
 from tt_jax.trained import (
     RESULTS_FILE,
-    RunDirectoryError,
+    check_same_run,
     checked_workdir,
-    load_trained,
     model_config_of,
     read_results,
-    run_fingerprint,
     run_optimizer,
     write_json,
 )
 
 SELECTION_METRIC = "geometric_mean_R1-R5-R10"  # of t2v on validation (DESIGN: model selection)
+
+__all__ = ["Preempted", "TrainState", "TrainingDivergedError", "data_needs", "data_readers", "make_train_step", "run_stores", "train_and_evaluate"]
 
 
 class TrainingDivergedError(UserInputError):
@@ -68,10 +73,12 @@ class Preempted(Exception):
 def make_train_step(
     objective: Callable[..., tuple[jax.Array, tuple[dict, Any]]],
     optimizer: optax.GradientTransformation,
+    learning_rate: Optional[optax.Schedule] = None,
 ):
     """A jitted (state, teacher_variables, batch) -> (state, scalars) step; the state is donated.
 
     `objective` is `tt_jax.objective.make_objective(...)`: gradients reach only the student.
+    `learning_rate`: the optimiser's own schedule, logged as the rate this step used.
     """
 
     def step(state: TrainState, teacher_variables, batch):
@@ -86,73 +93,30 @@ def make_train_step(
             opt_state=opt_state,
         )
         scalars = {"loss": total, **terms, "grad_norm": optax.tree.norm(grads)}
+        if learning_rate is not None:
+            scalars["learning_rate"] = learning_rate(state.step)
         return new_state, scalars
 
     return jax.jit(step, donate_argnums=0)
 
 
-# -- teachers ------------------------------------------------------------------------------------
+def data_readers(config: Any, entries: Optional[list[TeacherEntry]] = None) -> tuple[list, list[str]]:
+    """([(model config, text embedding)] of the student and every live teacher of `entries`
+    (default: the config's), [release teacher files of the precomputed ones])."""
+    entries = teacher_entries(config) if entries is None else entries
+    readers = [(model_config_of(config), config.data.text_embedding)]
+    readers += [(live_model_config(config, entry), entry.text_embedding) for entry in entries if entry.is_live]
+    return readers, [entry.text_embedding for entry in entries if not entry.is_live]
 
 
-def is_reference_checkpoint(path: str) -> bool:
-    """Whether a teacher checkpoint is a reference PyTorch file (else: one of our run directories)."""
-    return str(path).endswith((".pth", ".pt", ".tar"))
+def data_needs(config: Any, entries: Optional[list[TeacherEntry]] = None) -> DataNeeds:
+    """What the run's models read, each text embedding at the longest length any of them reads."""
+    return DataNeeds.of(*data_readers(config, entries))
 
 
-def load_teachers(config: Any, train_store: FeatureStore) -> tuple[list[Teacher], dict]:
-    """The run's teachers and the host variables of the live ones ({name: variables})."""
-    teachers: list[Teacher] = []
-    variables = {}
-    for entry in config.distillation.teachers:
-        entry = dict(entry)
-        unknown = sorted(set(entry) - {"name", "text_embedding", "checkpoint", "model", "trust_pickle"})
-        missing = sorted({"name", "text_embedding", "checkpoint"} - set(entry))
-        if unknown or missing:
-            raise RunDirectoryError(
-                f"distillation teacher entry {entry}: missing keys {missing}, unknown keys {unknown}; an entry "
-                "has name, text_embedding, checkpoint and, for reference .pth files, model and trust_pickle"
-            )
-        name, text_name, source = entry["name"], entry["text_embedding"], entry["checkpoint"]
-        if is_reference_checkpoint(source):
-            if "model" not in entry:
-                raise RunDirectoryError(f"teacher {name!r}: a reference checkpoint needs 'model' (its model config)")
-            model_config = as_model_config(entry["model"])
-            state_dict = load_reference_checkpoint(source, trust_pickle=bool(entry.get("trust_pickle", False)))
-            teacher_variables = from_reference_state_dict(state_dict, model_config)
-        else:
-            trained = load_trained(source)
-            if trained.text_name != text_name:
-                raise RunDirectoryError(
-                    f"teacher {name!r} should read the text embedding {text_name!r}, but its checkpoint in "
-                    f"{source} was trained on {trained.text_name!r}"
-                )
-            model_config, teacher_variables = trained.model.config, jax.device_get(trained.variables)
-        train_store.validate(model_config, text_name)
-        teachers.append(LiveTeacher(name, build_model(model_config), text_name))
-        variables[name] = teacher_variables
-    stored = train_store.teacher_embeddings or {}
-    for name in config.distillation.precomputed_teachers:
-        if name not in stored:
-            raise RunDirectoryError(
-                f"precomputed teacher {name!r} is not in the training features; they hold {sorted(stored)}"
-            )
-        teachers.append(PrecomputedTeacher(name, tuple(sorted(stored[name]["video"]))))
-    return teachers, variables
-
-
-def _text_lengths(student: ModelConfig, text_name: str, teachers: list[Teacher]) -> dict[str, int]:
-    """{text embedding: padded token count} of every model in the step."""
-    lengths = {text_name: student.text_max_tokens}
-    for teacher in teachers:
-        if not isinstance(teacher, LiveTeacher):
-            continue
-        length = teacher.model.config.text_max_tokens
-        if lengths.setdefault(teacher.text_name, length) != length:
-            raise UserInputError(
-                f"teacher {teacher.name!r} pads {teacher.text_name!r} to {length} tokens but another model "
-                f"reading it pads to {lengths[teacher.text_name]}; give them the same text_max_tokens"
-            )
-    return lengths
+def run_stores(config: Any) -> dict[str, FeatureStore]:
+    """{split: FeatureStore} holding what a run of `config` reads (e.g. for a notebook)."""
+    return load_splits(config.data, data_needs(config))
 
 
 # -- stopping cleanly ----------------------------------------------------------------------------
@@ -193,75 +157,96 @@ def _preempted(flag: Mapping[str, bool], global_step: int) -> bool:
     return flag["received"]
 
 
-def _check_finite(scalars: Mapping[str, Any], global_step: int, last_saved: Optional[int], workdir) -> None:
-    loss = float(scalars["loss"])
-    if np.isfinite(loss):
-        return
-    kept = (
-        f"the last good checkpoint is step {last_saved} in {workdir}/checkpoints/latest"
-        if last_saved is not None
-        else "no checkpoint was saved before it"
-    )
-    raise TrainingDivergedError(
-        f"the training loss became {loss} at step {global_step}; {kept} and nothing after it was saved. "
-        "Lower train.learning_rate or check the input features, then rerun (the run resumes from that checkpoint)."
-    )
+class _LossWatch:
+    """Reads the loss back to the host only when asked (logging steps, before saves), so the loop
+    never waits for the device otherwise; raises TrainingDivergedError on NaN or inf."""
 
+    def __init__(self, workdir: epath.Path):
+        self.workdir = workdir
+        self.last_finite_step: Optional[int] = None
+        self.last_saved: Optional[int] = None
 
-# -- the loop ------------------------------------------------------------------------------------
+    def check(self, scalars: Mapping[str, Any], global_step: int) -> dict[str, float]:
+        """The step's scalars on the host, after checking the loss."""
+        values = {name: float(value) for name, value in jax.device_get(dict(scalars)).items()}
+        if np.isfinite(values["loss"]):
+            self.last_finite_step = global_step
+            return values
+        kept = (
+            f"the last good checkpoint is step {self.last_saved} in {self.workdir}/checkpoints/latest"
+            if self.last_saved is not None
+            else "no checkpoint was saved before it"
+        )
+        seen = f" (last seen finite at step {self.last_finite_step})" if self.last_finite_step is not None else ""
+        raise TrainingDivergedError(
+            f"the training loss became {values['loss']} by step {global_step}{seen}; {kept} and nothing after it "
+            "was saved. Lower train.learning_rate or check the input features, then rerun (the run resumes "
+            "from that checkpoint)."
+        )
 
 
 def _flat_metrics(prefix: str, result: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
     return {f"{prefix}/{direction}_{name}": result[direction][name] for direction in ("t2v", "v2t") for name in METRIC_NAMES}
 
 
-def _stores(config: Any, model_config: ModelConfig) -> dict[str, FeatureStore]:
-    stores = load_splits(config.data, config.model)
-    for split in ("train", "val"):
-        if split not in stores:
-            raise UserInputError(
-                f"the data has no {split!r} split (it has {sorted(stores)}); training needs train and val"
-            )
-    for store in stores.values():
-        store.validate(model_config, config.data.text_embedding)
-    return stores
+# -- one run -------------------------------------------------------------------------------------
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir, *, stores: Optional[Mapping[str, FeatureStore]] = None
+) -> dict:
     """Trains (or resumes, or, if finished, just reads) the run in `workdir`; returns its results:
     {"val": best validation metrics, "test": test metrics of that checkpoint (if the data has a
-    test split), "best_epoch", "best_step", "num_parameters", "num_epochs", "train_seconds"}."""
+    test split), "best_epoch", "best_step", "num_parameters", "num_epochs", "train_seconds",
+    "identity"}.
+
+    stores: the split stores to train on, holding at least what `data_needs(config)` asks for
+    (the recipe loads them once for all its runs); None loads them from `config.data`.
+    """
     config = check_config(config)
     workdir = checked_workdir(workdir)
     finished = read_results(workdir)
     if finished is not None and finished.get("num_epochs") == config.train.num_epochs:
-        if finished.get("fingerprint") != run_fingerprint(config):
-            raise RunDirectoryError(
-                f"{workdir} holds a finished run of another model or setting ({RESULTS_FILE} differs in "
-                "model, text embedding, optimiser, batch size, seed or teachers); choose a new --workdir"
-            )
+        check_same_run(finished.get("identity"), config, f"{workdir / RESULTS_FILE}")
         logging.info("%s has finished; reading its results", workdir)
         return finished
     with jax.default_matmul_precision(config.train.matmul_precision):
-        return _train(config, workdir)
+        return _train(config, workdir, stores)
 
 
-def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
-    train_config = config.train
-    model_config = model_config_of(config)
-    text_name = config.data.text_embedding
-    stores = _stores(config, model_config)
+def _train(config: ml_collections.ConfigDict, workdir: epath.Path, stores) -> dict:
+    train_config, text_name = config.train, config.data.text_embedding
+    identity = run_identity(config)
+    entries = teacher_entries(config)
+    needs = data_needs(config, entries)
+
+    # ---- data: what every model of the run reads, loaded once ---------------------------------
+    if stores is None:
+        stores = load_splits(config.data, needs)
+    for split in ("train", "val"):
+        if split not in stores:
+            raise UserInputError(f"the data has no {split!r} split (it has {sorted(stores)}); training needs train and val")
     train_store = stores["train"]
 
+    # ---- mesh, model, optimiser and the train state, created where it lives --------------------
+    model_config = model_config_of(config)
     mesh = parallel.make_mesh()
-    devices = mesh.size
+    replicated = parallel.replicated(mesh)
     parallel.check_batch_divisible(train_config.batch_size, mesh)
-    steps_in_epoch = sampler.steps_per_epoch(train_store.num_videos, train_config.batch_size, multiple_of=devices)
-    optimizer = run_optimizer(train_config, steps_in_epoch)
-    model = build_model(model_config)
-    teachers, teacher_variables = load_teachers(config, train_store)
-    text_lengths = _text_lengths(model_config, text_name, teachers)
-    precomputed_names = [teacher.name for teacher in teachers if isinstance(teacher, PrecomputedTeacher)]
+    steps_in_epoch = sampler.steps_per_epoch(train_store.num_videos, train_config.batch_size, multiple_of=mesh.size)
+    learning_rate = optim.epoch_decay_schedule(train_config.learning_rate, train_config.lr_decay_gamma, steps_in_epoch)
+    optimizer = run_optimizer(train_config, learning_rate)
+    model = build_model(model_config)  # evaluation (BatchNorm in eval mode needs no devices axis)
+    for store in stores.values():
+        store.validate(model_config, text_name)
+    abstract = abstract_train_state(model, optimizer, replicated)
+
+    # ---- teachers: frozen variables placed on the mesh directly ------------------------------
+    teachers, teacher_variables = load_teachers(config, entries, train_store, replicated)
+    precomputed = [teacher.key for teacher in teachers if isinstance(teacher, PrecomputedTeacher)]
+    text_lengths = needs.text_max_tokens  # each embedding once, at the longest length read
+
+    # ---- the compiled step and the evaluators ------------------------------------------------
     options = ObjectiveOptions(
         margin=train_config.margin,
         fix_norm=train_config.fix_norm,
@@ -269,46 +254,45 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
         teacher_aggregation=config.distillation.aggregation,
         distillation_distance=config.distillation.distance,
     )
-    objective = make_objective(
-        build_model(model_config, axis_name=parallel.DATA_AXIS), teachers, options, mesh, student_text=text_name
-    )
-    step_fn = make_train_step(objective, optimizer)
-    teacher_variables = parallel.put_replicated(teacher_variables, mesh)
-    schedule = lambda step: train_config.learning_rate * train_config.lr_decay_gamma ** (step // steps_in_epoch)
+    student = build_model(model_config, axis_name=parallel.DATA_AXIS)
+    objective = make_objective(student, teachers, options, mesh, student_text=text_name)
+    step_fn = make_train_step(objective, optimizer, learning_rate)
+    evaluators = {
+        split: Evaluator(
+            model, stores[split], text_name, mesh=mesh, chunk_videos=train_config.eval_chunk_videos,
+            first_caption_only=config.data.val_first_caption_only and split == "val",
+        )
+        for split in ("val", "test") if split in stores
+    }
 
+    # ---- resume ------------------------------------------------------------------------------
     is_main = jax.process_index() == 0
-    checkpointer = Checkpointer(workdir, fingerprint=run_fingerprint(config))
+    checkpointer = Checkpointer(workdir, identity=identity)
     writer = MetricWriter(workdir, is_main_process=is_main)
     writer.write_config(config)
-    abstract = abstract_train_state(model, optimizer, parallel.replicated(mesh))
+    loss_watch = _LossWatch(workdir)
     try:
         restored = checkpointer.restore_latest(abstract)
         if restored is None:
-            state = parallel.put_replicated(create_train_state(model, optimizer, jax.random.key(config.seed)), mesh)
-            position, last_saved = sampler.SamplerPosition(), None
+            init = jax.jit(lambda: create_train_state(model, optimizer, jax.random.key(config.seed)), out_shardings=replicated)
+            state, position = init(), sampler.SamplerPosition()
         else:
             state, meta = restored
-            position, last_saved = sampler.SamplerPosition.from_dict(meta["position"]), meta["step"]
-            logging.info("resuming %s from step %d (epoch %d, step %d)", workdir, last_saved, position.epoch, position.step)
+            position, loss_watch.last_saved = sampler.SamplerPosition.from_dict(meta["position"]), meta["step"]
+            logging.info("resuming %s from step %d (epoch %d, step %d)", workdir, meta["step"], position.epoch, position.step)
         best = checkpointer.best_metrics()
 
-        def validate() -> dict:
-            host_variables = jax.device_get(state.variables)
-            return evaluate_variables(
-                model,
-                host_variables,
-                stores["val"],
-                text_name,
-                chunk_videos=train_config.eval_chunk_videos,
-                first_caption_only=config.data.val_first_caption_only,
-            )
+        def save_latest(scalars) -> None:
+            loss_watch.check(scalars, global_step)
+            checkpointer.save_latest(state, position=position.to_dict())
+            loss_watch.last_saved = global_step
 
+        # ---- the loop --------------------------------------------------------------------------
         global_step = position.epoch * steps_in_epoch + position.step
         start = time.perf_counter()
-        with _sigterm_flag() as sigterm:
+        with _sigterm_flag() as sigterm, jax.transfer_guard(train_config.transfer_guard):
             while position.epoch < train_config.num_epochs:
                 epoch = position.epoch
-                pending = None  # the previous step's scalars, checked one step late to keep the device busy
                 for _ in progress(
                     range(position.step, steps_in_epoch),
                     total=steps_in_epoch - position.step,
@@ -317,23 +301,19 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
                 ):
                     videos, captions = sampler.process_batch_indices(
                         config.seed, epoch, position.step, train_store.sampling_weights, train_config.batch_size,
-                        process_index=jax.process_index(), process_count=jax.process_count(), multiple_of=devices,
+                        process_index=jax.process_index(), process_count=jax.process_count(), multiple_of=mesh.size,
                     )
                     batch = train_store.batch(
                         videos, captions, text_names=list(text_lengths), max_text_tokens=text_lengths,
-                        teacher_names=precomputed_names,
+                        teacher_names=precomputed,
                     )
                     state, scalars = step_fn(state, teacher_variables, parallel.global_batch_from_process_data(batch, mesh))
-                    if pending is not None:
-                        _check_finite(pending, global_step, last_saved, workdir)
-                    pending = scalars
                     position = sampler.advance(position, steps_in_epoch)
                     global_step += 1
                     if global_step % train_config.log_every_steps == 0:
-                        writer.write_scalars(global_step, {**scalars, "learning_rate": schedule(global_step - 1)})
+                        writer.write_scalars(global_step, loss_watch.check(scalars, global_step))
                     if _preempted(sigterm, global_step):
-                        _check_finite(scalars, global_step, last_saved, workdir)
-                        checkpointer.save_latest(state, position=position.to_dict())
+                        save_latest(scalars)
                         checkpointer.wait()
                         raise Preempted(
                             f"stopped by SIGTERM at step {global_step}; saved {workdir}/checkpoints/latest. "
@@ -341,15 +321,12 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
                         )
                     every = train_config.checkpoint_every_steps
                     if every and global_step % every == 0 and position.step != 0:
-                        _check_finite(scalars, global_step, last_saved, workdir)
-                        checkpointer.save_latest(state, position=position.to_dict())
-                        last_saved = global_step
-                if pending is not None:
-                    _check_finite(pending, global_step, last_saved, workdir)
+                        save_latest(scalars)
                 if (epoch + 1) % train_config.eval_every_epochs and epoch + 1 != train_config.num_epochs:
                     continue
 
-                val = validate()
+                loss_watch.check(scalars, global_step)  # never validate, or save, a diverged state
+                val = evaluators["val"].run(state.variables)
                 gmean = val["t2v"][SELECTION_METRIC]
                 logging.info(
                     "%s epoch %d/%d: val t2v R@1 %.2f, geometric mean %.2f",
@@ -359,14 +336,14 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
                 if best is None or gmean >= best["t2v"][SELECTION_METRIC]:  # ties: the later epoch wins
                     best = {**val, "epoch": epoch + 1, "step": global_step}
                     checkpointer.save_best(state, position=position.to_dict(), metrics=best)
-                checkpointer.save_latest(state, position=position.to_dict())
-                last_saved = global_step
+                save_latest(scalars)
         checkpointer.wait()
         seconds = time.perf_counter() - start
 
+        # ---- results: the best checkpoint on the test split ------------------------------------
         if best is None:
             raise UserInputError(f"train.num_epochs is {train_config.num_epochs}: nothing was trained")
-        best_state, _ = checkpointer.restore_best(abstract)
+        del state, teacher_variables  # never two train states at once: the best one replaces them
         results = {
             "val": {direction: best[direction] for direction in ("t2v", "v2t")},
             "best_epoch": best["epoch"],
@@ -374,13 +351,11 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
             "num_epochs": train_config.num_epochs,
             "num_parameters": count_parameters(model_config),
             "train_seconds": seconds,
-            "fingerprint": run_fingerprint(config),
+            "identity": identity,
         }
-        if "test" in stores:
-            test = evaluate_variables(
-                model, jax.device_get(best_state.variables), stores["test"], text_name,
-                chunk_videos=train_config.eval_chunk_videos,
-            )
+        if "test" in evaluators:
+            best_variables = checkpointer.restore_best(abstract)[0].variables  # the moments are dropped here
+            test = evaluators["test"].run(best_variables)
             results["test"] = {direction: test[direction] for direction in ("t2v", "v2t")}
             writer.write_scalars(global_step, _flat_metrics("test", test))
         if is_main:

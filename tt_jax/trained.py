@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import pathlib
+from etils import epath
 from typing import Any, Optional
 
 import jax
@@ -21,6 +21,7 @@ import optax
 
 from tt_jax import optim
 from tt_jax.checkpoint import Checkpointer
+from tt_jax.config import identity_differences, run_identity
 from tt_jax.errors import UserInputError
 from tt_jax.models import CENet, ModelConfig, as_model_config, build_model
 from tt_jax.train_state import abstract_train_state
@@ -44,43 +45,46 @@ class TrainedModel:
     meta: dict  # the checkpoint's step, sampler position and validation metrics
 
 
-def checked_workdir(workdir) -> pathlib.Path:
-    """The workdir as a path; URLs are refused, since run files are written with plain file calls."""
-    if "://" in str(workdir):
-        raise RunDirectoryError(
-            f"workdir {workdir} is a URL; give a directory path (on a pod, one every host sees, e.g. a "
-            "bucket mounted with gcsfuse)"
-        )
-    return pathlib.Path(workdir)
+def checked_workdir(workdir) -> epath.Path:
+    """The workdir as an `etils.epath` path, the path layer Orbax uses: a local directory or a
+    bucket URL (`gs://bucket/run` on a pod, where every host must see the same workdir)."""
+    return epath.Path(workdir)
 
 
 def model_config_of(config: Any) -> ModelConfig:
     return as_model_config(config.model)
 
 
-def run_fingerprint(config: Any) -> dict:
-    """What a checkpoint must match to be resumed by (or loaded as) the run `config` describes.
-
-    Training length and logging may change between restarts; what the state means may not.
-    """
-    train = config.train
-    return {
-        "model": model_config_of(config).to_dict(),
-        "text_embedding": config.data.text_embedding,
-        "optimizer": str(train.optimizer).lower(),
-        "batch_size": int(train.batch_size),
-        "seed": int(config.seed),
-        "teachers": sorted(teacher["name"] for teacher in config.distillation.teachers),
-    }
-
-
-def run_optimizer(train_config: Any, steps_per_epoch: int) -> optax.GradientTransformation:
-    """The run's optimiser: `train.optimizer` with the per-epoch decayed learning rate."""
-    schedule = optim.epoch_decay_schedule(train_config.learning_rate, train_config.lr_decay_gamma, steps_per_epoch)
-    return optim.build_optimizer(train_config.optimizer, schedule, train_config.weight_decay)
+def check_same_run(saved_identity: Any, config: Any, where: str) -> None:
+    """Raises RunDirectoryError unless `saved_identity` (from results.json or a checkpoint) is the
+    identity of the run `config` describes, naming each differing key with both values."""
+    current = run_identity(config)
+    if saved_identity == current:
+        return
+    if not isinstance(saved_identity, dict):
+        raise RunDirectoryError(
+            f"{where} was written by an older tt_jax that did not record what the run trained; choose a new "
+            "--workdir (or delete this one) to train the run again"
+        )
+    raise RunDirectoryError(
+        f"{where} holds another run: {identity_differences(saved_identity, current)}. Only "
+        "the run length, logging, checkpoint and evaluation cadence, evaluation chunking and data "
+        "locations may change on a rerun (tt_jax.config.RESTARTABLE_KEYS); choose a new --workdir "
+        "for a different setting"
+    )
 
 
-def write_json(path: pathlib.Path, value: Any) -> None:
+def run_optimizer(train_config: Any, learning_rate: optax.ScalarOrSchedule) -> optax.GradientTransformation:
+    """The run's optimiser: `train.optimizer` with `learning_rate` (the run's epoch decay schedule)."""
+    return optim.build_optimizer(train_config.optimizer, learning_rate, train_config.weight_decay)
+
+
+def _any_schedule(train_config: Any) -> optax.Schedule:
+    """A schedule of the run's kind: the optimiser state's structure, not its values, depends on it."""
+    return optim.epoch_decay_schedule(train_config.learning_rate, train_config.lr_decay_gamma, 1)
+
+
+def write_json(path: epath.Path, value: Any) -> None:
     """Writes through a temporary file and a rename, so a killed process never leaves half a file."""
     temporary = path.with_name(path.name + ".tmp")
     temporary.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n", encoding="utf-8")
@@ -88,7 +92,7 @@ def write_json(path: pathlib.Path, value: Any) -> None:
 
 
 def read_run_config(workdir) -> ml_collections.ConfigDict:
-    path = pathlib.Path(workdir) / CONFIG_FILE
+    path = epath.Path(workdir) / CONFIG_FILE
     if not path.is_file():
         raise RunDirectoryError(f"{workdir} holds no training run: {path} does not exist")
     try:
@@ -99,20 +103,23 @@ def read_run_config(workdir) -> ml_collections.ConfigDict:
 
 def read_results(workdir) -> Optional[dict]:
     """The finished run's results.json, or None while it has not finished."""
-    path = pathlib.Path(workdir) / RESULTS_FILE
+    path = epath.Path(workdir) / RESULTS_FILE
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
-def load_trained(workdir, *, checkpoint: str = "best") -> TrainedModel:
-    """The model of the run in `workdir`, from its best (or latest) checkpoint."""
+def load_trained(
+    workdir, *, checkpoint: str = "best", sharding: Optional[jax.sharding.Sharding] = None
+) -> TrainedModel:
+    """The model of the run in `workdir`, from its best (or latest) checkpoint, restored directly
+    with `sharding` (default: this process's first device)."""
     if checkpoint not in ("best", "latest"):
         raise RunDirectoryError(f"checkpoint must be 'best' or 'latest', got {checkpoint!r}")
     config = read_run_config(workdir)
     model = build_model(model_config_of(config))
-    abstract = abstract_train_state(
-        model, run_optimizer(config.train, steps_per_epoch=1), jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    )
-    with Checkpointer(workdir, fingerprint=run_fingerprint(config)) as checkpointer:
+    if sharding is None:
+        sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = abstract_train_state(model, run_optimizer(config.train, _any_schedule(config.train)), sharding)
+    with Checkpointer(workdir, identity=run_identity(config)) as checkpointer:
         restore = checkpointer.restore_best if checkpoint == "best" else checkpointer.restore_latest
         restored = restore(abstract)
     if restored is None:

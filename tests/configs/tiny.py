@@ -43,11 +43,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.learning_rate = 1e-2
     config.train.log_every_steps = 2
     config.train.eval_chunk_videos = 10  # chunks with a padded last one
-    config.teachers = [dict(name="teacher_rich", text_embedding="rich", model=dict(text_dim=8))]
+    config.teachers = [dict(name="teacher_rich", source="recipe", text_embedding="rich", model_changes=dict(text_dim=8))]
     config.pipeline.seeds = (0, 1)
     if arg == "baseline":
         config.pipeline.seeds = (0,)
         config.pipeline.stages = ("student_baseline", "report")
+        config.teachers = []
     elif arg:
         raise ValueError(f"unknown argument {arg!r}")
     return config

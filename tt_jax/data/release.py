@@ -23,10 +23,7 @@ store. Conventions follow the reference loaders (`teachtext_ce_spec.md` section 
 from __future__ import annotations
 
 import collections
-import ctypes
-import ctypes.util
 import dataclasses
-import functools
 import json
 import pathlib
 from typing import Any, Mapping, Optional, Sequence
@@ -46,6 +43,7 @@ from tt_jax.data.release_layout import (
 )
 from tt_jax.data.safe_pickle import MissingFileError, load_pickle
 from tt_jax.errors import UserInputError, list_some
+from tt_jax.host_memory import return_freed_memory
 from tt_jax.models.config import ExpertConfig
 
 class ReleaseError(UserInputError):
@@ -147,25 +145,6 @@ def _as_mapping(table: Any, path: pathlib.Path, what: str) -> dict:
     return table
 
 
-@functools.lru_cache(maxsize=1)
-def _malloc_trim() -> Optional[Any]:
-    """glibc's malloc_trim, or None elsewhere."""
-    name = ctypes.util.find_library("c")
-    try:
-        return getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
-    except OSError:
-        return None
-
-
-def _return_freed_memory() -> None:
-    """Hands freed heap memory back to the OS. The unpickled arrays are mostly below malloc's mmap
-    threshold, so freeing them leaves their pages resident until glibc trims the heap: without
-    this, a converted table and the freed pickle contents would both count in full."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
-
-
 class _Consumer:
     """Hands out a table's entries to the splits that need them; drops each entry after its last use."""
 
@@ -184,7 +163,7 @@ class _Consumer:
         self._dropped += _nbytes(entry)
         if self._dropped >= self.TRIM_EVERY:  # the entry's memory is freed once its copy is made,
             self._dropped = 0  # i.e. before the next take: trimming here returns the earlier ones
-            _return_freed_memory()
+            return_freed_memory()
         return entry
 
 
@@ -344,7 +323,7 @@ def _token_table(
         freed += _nbytes(captions)
         if freed >= _Consumer.TRIM_EVERY:  # the previous videos' arrays are free by now
             freed = 0
-            _return_freed_memory()
+            return_freed_memory()
         queries = [np.concatenate(captions)] if fuse else captions
         for query, count in zip(queries, video_counts):
             part = query[:count]
@@ -493,7 +472,7 @@ def read_release(request: ReleaseRequest) -> dict[str, FeatureStore]:
     for expert in request.experts:
         for file, (features, present) in zip(unique_files, _expert_features(request, expert, lists, dtype)):
             experts[file][expert.name], availability[file][expert.name] = features, present
-        _return_freed_memory()
+        return_freed_memory()
 
     caption_index = None
     if files.test_caption_index is not None:
@@ -534,7 +513,7 @@ def read_release(request: ReleaseRequest) -> dict[str, FeatureStore]:
             )
             del videos
         del table, consumer
-        _return_freed_memory()
+        return_freed_memory()
 
     stores = {}
     for file in unique_files:

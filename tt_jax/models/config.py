@@ -90,8 +90,8 @@ class ModelConfig:
       use_mish: Mish (True) or ReLU inside g.
       use_bn_reason: BatchNorm inside g and in the reasoning gate.
       include_self: whether the pair (i, i) takes part in expert i's message.
-      keep_missing_modalities: if True the MoE weights are not renormalised over available
-        experts (reference option, unused by its configs).
+      keep_missing_modalities: the reference option: every expert's similarity weighs 1 instead of
+        its mixture weight renormalised over the video's available experts (unused by its configs).
       mimic_ce_dims: MoEE with every expert projected to shared_dim.
     """
 

@@ -24,7 +24,7 @@ def weighted_similarity(
     availability: jax.Array,
     expert_names: Sequence[str],
     *,
-    renormalise: bool = True,
+    keep_missing_modalities: bool = False,
 ) -> jax.Array:
     """[Q, V] similarity of Q queries against V videos.
 
@@ -33,23 +33,25 @@ def weighted_similarity(
       video: expert -> [V, D_m] video embeddings.
       moe_weights: [Q, M] mixture weights, columns in `expert_names` order.
       availability: [V, M] 1/0 expert availability of each video.
-      renormalise: False reproduces the reference's keep_missing_modalities=True (plain
-        weighted sum over all experts).
+      keep_missing_modalities: the reference option of that name: every (query, video, expert)
+        weight is 1, whatever the mixture weights and availabilities (spec section 2.5), so
+        S[q, v] = sum_m <text_m[q], video_m[v]>. No reference config sets it.
     """
     numerator = jnp.zeros((moe_weights.shape[0], availability.shape[0]), jnp.float32)
     for index, name in enumerate(expert_names):
         expert_similarity = jnp.dot(text[name], video[name].T)  # [Q, V]
+        if keep_missing_modalities:
+            numerator = numerator + expert_similarity
+            continue
         weighted = moe_weights[:, index : index + 1] * expert_similarity
-        if renormalise:
-            weighted = weighted * availability[:, index][None, :]
-        numerator = numerator + weighted
-    if not renormalise:
+        numerator = numerator + weighted * availability[:, index][None, :]
+    if keep_missing_modalities:
         return numerator
     return numerator / jnp.dot(moe_weights, availability.T)
 
 
 def retrieval_similarity(
-    embeddings: Embeddings, expert_names: Sequence[str], *, renormalise: bool = True
+    embeddings: Embeddings, expert_names: Sequence[str], *, keep_missing_modalities: bool = False
 ) -> jax.Array:
     """[B*K, B] similarity of every caption against every video; row q = b*K + k.
 
@@ -63,14 +65,14 @@ def retrieval_similarity(
         embeddings.moe_weights.reshape(batch * captions, num_experts),
         embeddings.availability,
         expert_names,
-        renormalise=renormalise,
+        keep_missing_modalities=keep_missing_modalities,
     )
 
 
 def training_similarity(
-    embeddings: Embeddings, expert_names: Sequence[str], *, renormalise: bool = True
+    embeddings: Embeddings, expert_names: Sequence[str], *, keep_missing_modalities: bool = False
 ) -> jax.Array:
     """[B, B] train-mode matrix: the K captions of each video averaged (reference 'avg' merge)."""
     batch, captions, _ = embeddings.moe_weights.shape
-    sims = retrieval_similarity(embeddings, expert_names, renormalise=renormalise)
+    sims = retrieval_similarity(embeddings, expert_names, keep_missing_modalities=keep_missing_modalities)
     return jnp.mean(sims.reshape(batch, captions, -1), axis=1)

@@ -1,0 +1,179 @@
+"""The config: one teacher list with one validator, what a run loads derived from it, and a run's
+identity covering every key that changes what is trained."""
+
+from __future__ import annotations
+
+import ml_collections
+import numpy as np
+import pytest
+
+from test_train import tiny_config
+from tt_jax import config as config_module
+from tt_jax.config import RESTARTABLE_KEYS, ConfigError, check_config, identity_differences, run_identity
+from tt_jax.data.sources import release_request
+from tt_jax.teachers import model_text
+from tt_jax.models import as_model_config
+from tt_jax.train import data_needs, run_stores
+
+
+def leaf_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+    keys = []
+    for key in config.keys():
+        value = config[key]
+        path = f"{prefix}{key}"
+        if isinstance(value, ml_collections.ConfigDict) and path not in ("model", "data.synthetic", "data.expert_files"):
+            keys += leaf_keys(value, path + ".")
+        else:
+            keys.append(path)
+    return keys
+
+
+def changed(value):
+    """A different value of the same kind."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, (int, float)):
+        return value * 2 + 1
+    if isinstance(value, str):
+        return value + "_other"
+    if isinstance(value, (tuple, list)):
+        return type(value)([*value, value[0] if value else "x"])
+    if isinstance(value, ml_collections.ConfigDict) or isinstance(value, dict):
+        return {**dict(value), "changed": 1}
+    raise AssertionError(f"no changed value for {value!r}")
+
+
+def with_value(config, dotted: str, value):
+    config = ml_collections.ConfigDict(config.to_dict())
+    *parents, leaf = dotted.split(".")
+    node = config
+    for parent in parents:
+        node = node[parent]
+    with config.unlocked():
+        node[leaf] = value
+    return config
+
+
+def distilled_config():
+    config = check_config(tiny_config())
+    with config.unlocked():
+        config.teachers = [dict(name="teacher_rich", source="run", text_embedding="rich", path="/runs/teacher")]
+    return check_config(config)
+
+
+def test_every_key_but_the_restartable_ones_changes_the_identity():
+    """Any key of the schema, present or added later, is part of the identity unless it is listed
+    as restartable or belongs to the recipe around the runs."""
+    base = distilled_config()
+    keys = [key for key in leaf_keys(base) if key.split(".")[0] not in config_module.RECIPE_KEYS]
+    assert {"distillation.distance", "distillation.aggregation", "distillation.weight", "train.margin",
+            "train.learning_rate", "train.weight_decay", "train.lr_decay_gamma", "data.dataset", "data.split",
+            "data.denoising", "data.source", "data.feature_dtype", "model", "teachers"} <= set(keys)
+    for key in keys:
+        value = base[key] if "." not in key else eval(f"base.{key}")
+        if key == "teachers":  # the same teacher reading another embedding
+            value = [dict(base.teachers[0], text_embedding="poor")]
+        else:
+            value = changed(value)
+        other = with_value(base, key, value)
+        if key in RESTARTABLE_KEYS:
+            assert run_identity(other) == run_identity(base), key
+        else:
+            assert run_identity(other) != run_identity(base), key
+
+
+def test_a_mismatch_names_each_differing_key_with_its_old_and_new_value():
+    base = distilled_config()
+    other = with_value(with_value(base, "train.margin", 0.5), "distillation.distance", "l1")
+    message = identity_differences(run_identity(base), run_identity(other))
+    assert f"train.margin ({base.train.margin!r} -> 0.5)" in message
+    assert "distillation.distance ('huber' -> 'l1')" in message
+    assert "learning_rate" not in message
+
+
+def test_precomputed_teachers_and_a_teachers_source_are_part_of_the_identity():
+    base = distilled_config()
+    precomputed = with_value(base, "teachers", [dict(name="teacher_rich", source="precomputed", text_embedding="rich")])
+    assert run_identity(precomputed) != run_identity(base)
+    assert "teachers[0].source ('run' -> 'precomputed')" in identity_differences(run_identity(base), run_identity(precomputed))
+
+
+def test_a_recipe_teacher_is_identified_by_its_entry_not_where_the_recipe_keeps_it():
+    base = check_config(tiny_config())
+    entry = dict(base.teachers[0])
+    here = with_value(base, "teachers", [dict(entry, path="/a/teachers/teacher_rich")])
+    moved = with_value(base, "teachers", [dict(entry, path="/b/teachers/teacher_rich")])
+    assert run_identity(here) == run_identity(moved)
+    wider = with_value(base, "teachers", [dict(entry, model_changes={"text_dim": 8, "shared_dim": 16})])
+    assert run_identity(wider) != run_identity(here)
+
+
+def test_a_run_without_teachers_ignores_the_distillation_settings():
+    baseline = check_config(tiny_config("baseline"))
+    with baseline.unlocked():
+        baseline.teachers = []
+    assert run_identity(with_value(baseline, "distillation.weight", 3.0)) == run_identity(baseline)
+
+
+@pytest.mark.parametrize(
+    "entry, message",
+    [
+        (dict(name="t", source="run", text_embedding="rich"), r"lacks \['path'\]"),
+        (dict(name="t", source="precomputed", text_embedding="rich", model_changes={"text_dim": 8}), r"sets \['model_changes'\]"),
+        (dict(name="t", source="somewhere", text_embedding="rich"), r"source is 'somewhere'; choose one of"),
+        (dict(name="t", text_embedding="rich", checkpoint="/x"), r"missing keys \['source'\].*checkpoint is now path"),
+        ("teacher_rich", r"must be a dict"),
+    ],
+)
+def test_one_validator_names_what_is_wrong_in_a_teacher_entry(entry, message):
+    config = tiny_config()
+    config.teachers = [entry]
+    with pytest.raises(ConfigError, match=message):
+        check_config(config)
+
+
+def test_repeated_teacher_names_are_refused():
+    config = tiny_config()
+    config.teachers = [dict(name="t", source="recipe", text_embedding="rich")] * 2
+    with pytest.raises(ConfigError, match=r"\['t'\] appear more than once"):
+        check_config(config)
+
+
+@pytest.mark.parametrize("old_key", ["distillation.teachers", "distillation.precomputed_teachers", "data.teachers", "data.text_embeddings"])
+def test_keys_of_the_old_layout_say_what_replaced_them(old_key):
+    config = tiny_config()
+    group, key = old_key.split(".")
+    with config.unlocked():
+        config[group][key] = ["teacher_rich"]
+    with pytest.raises(ConfigError, match=f"config.{old_key} is no longer a key; use "):
+        check_config(config)
+
+
+def test_each_text_embedding_is_loaded_at_the_longest_length_any_model_reads(tmp_path):
+    """A teacher reading more tokens than the student sees all of them (before, every embedding
+    was cut at the student's text_max_tokens)."""
+    config = check_config(tiny_config())  # student: "poor" at 5 tokens
+    with config.unlocked():
+        config.teachers = [
+            dict(name="long_rich", source="recipe", text_embedding="rich", model_changes={"text_dim": 8, "text_max_tokens": 9}),
+            dict(name="long_poor", source="recipe", text_embedding="poor", model_changes={"text_max_tokens": 7}),
+        ]
+        config.data.source, config.data.dataset, config.data.data_dir = "release", "msrvtt", str(tmp_path)
+    needs = data_needs(check_config(config))
+    assert needs.text_max_tokens == {"poor": 7, "rich": 9}
+    assert release_request(config.data, needs).text_max_tokens == {"poor": 7, "rich": 9}
+
+
+def test_each_model_is_fed_its_own_token_count_from_the_longest_loaded():
+    config = check_config(tiny_config())
+    with config.unlocked():
+        config.teachers = [dict(name="long", source="recipe", text_embedding="poor", model_changes={"text_max_tokens": 9})]
+        config.data.synthetic.num_train_videos = 16
+    store = run_stores(config)["train"]
+    assert int(store.text["poor"].lengths.max()) > 5  # captions longer than the student reads exist
+    videos, captions = np.arange(8), np.zeros((8, 1), int)
+    batch = store.batch(videos, captions, text_names=["poor"], max_text_tokens=data_needs(config).text_max_tokens)
+    student = as_model_config(config.model)
+    five = store.batch(videos, captions, text_names=["poor"], max_text_tokens=5)["text"]["poor"]
+    np.testing.assert_array_equal(np.asarray(model_text(batch, "poor", student)), five)
+    assert batch["text"]["poor"].shape[2] == 9
