@@ -1,7 +1,8 @@
 """Discovery and loading of the reference fixtures (`*.npz` + `*.json` pairs).
 
 Fixtures are told apart by their contents, not their names, so a new fixture of a known kind
-dropped into the folder is tested with no code change:
+dropped into the folder (`TT_JAX_FIXTURES`, or any folder passed to `discover`) is tested with
+no code change:
   * model fixtures hold `params/*` arrays and an `effective_config`;
   * metrics fixtures hold `case/<name>/sims` arrays;
   * optimiser fixtures hold `schedule/*` arrays and per-parameter `pI/init` trajectories.
@@ -60,6 +61,20 @@ def discover(kind: str, folder: pathlib.Path = FIXTURE_DIR) -> list[Fixture]:
         if _kind_of(keys, meta) == kind:
             found.append(Fixture(npz_path.stem, kind, npz_path, json_path))
     return found
+
+
+def write_fixture(
+    folder: pathlib.Path, name: str, arrays: dict[str, np.ndarray], meta: dict
+) -> Fixture:
+    """Stores a fixture as the reference ones are stored: `name.npz` holding plain arrays only
+    (loadable with allow_pickle=False) and `name.json` beside it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    npz_path, json_path = folder / f"{name}.npz", folder / f"{name}.json"
+    np.savez(npz_path, **arrays)
+    meta = dict(meta, fixture=name, npz_bytes=npz_path.stat().st_size)
+    with json_path.open("w") as handle:
+        json.dump(meta, handle, indent=1)
+    return Fixture(name, _kind_of(list(arrays), meta), npz_path, json_path)
 
 
 def subtree(arrays: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:

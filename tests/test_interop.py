@@ -80,7 +80,9 @@ def test_unrecognised_config_lists_what_was_expected():
 
 
 def test_effective_config_gives_fixture_dimensions():
-    fixture = next(f for f in discover(MODEL) if f.name == "msrvtt_ce_plus_small")
+    fixture = next((f for f in discover(MODEL) if f.name == "msrvtt_ce_plus_small"), None)
+    if fixture is None:
+        pytest.skip("the fixture folder holds no msrvtt_ce_plus_small, whose values this test states")
     reference = fixture.meta()["effective_config"]
     config = interop.model_config_from_reference(reference)
     assert config.expert_names == tuple(reference["expert_order"])
@@ -94,8 +96,15 @@ def test_effective_config_gives_fixture_dimensions():
 
 
 def test_unsupported_reference_options_are_refused():
-    fixture = next(iter(discover(MODEL)))
-    reference = fixture.meta()["effective_config"]
+    """num_h_layers != 0 is refused for CE (collaborative gating) configs."""
+    ce_references = [
+        f.meta()["effective_config"]
+        for f in discover(MODEL)
+        if f.meta()["effective_config"]["arch_args"].get("use_ce") == "pairwise"
+    ]
+    if not ce_references:
+        pytest.skip("no collaborative-gating model fixture in the fixture folder")
+    reference = ce_references[0]
     reference = dict(reference, arch_args=dict(reference["arch_args"], num_h_layers=2))
     with pytest.raises(ModelConfigError, match="num_h_layers=2"):
         interop.model_config_from_reference(reference)

@@ -1,5 +1,11 @@
-"""Tests for tt_jax.optim: reference RAdam / Ranger, missing gradients, epoch lr decay."""
+"""Tests for tt_jax.optim: reference RAdam / Ranger, missing gradients, epoch lr decay.
 
+Fixture-driven tests check what each fixture in the folder records: a trajectory with any
+number of parameters and steps, a model fixture's recorded gradients.
+"""
+
+import dataclasses
+import functools
 import math
 
 import jax
@@ -8,7 +14,7 @@ import numpy as np
 import optax
 import pytest
 
-from reference_fixtures import MODEL, OPTIMIZER, discover
+from reference_fixtures import MODEL, OPTIMIZER, discover, write_fixture
 from tt_jax import optim
 
 # Reference RAdam as the TeachText configs use it (radam_trajectory.json "hyper_parameters").
@@ -37,6 +43,17 @@ def max_relative_error(ours, reference, before=None) -> float:
     return float(np.max(np.abs(ours - reference) / scale))
 
 
+def max_error_relative_to_scale(ours, reference) -> float:
+    """max |ours - reference| / max |reference| over the tensor.
+
+    For optimiser moments: each is a sum of terms of both signs, so an entry can cancel to near
+    zero, where one ulp of its terms is many ulps of itself.
+    """
+    ours, reference = np.asarray(ours, np.float64), np.asarray(reference, np.float64)
+    scale = max(float(np.max(np.abs(reference), initial=0.0)), np.finfo(np.float32).tiny)
+    return float(np.max(np.abs(ours - reference), initial=0.0)) / scale
+
+
 def jitted_step(tx):
     """One jitted optimiser step: (params, state, grads, has_grad) -> (params, state)."""
 
@@ -50,31 +67,62 @@ def jitted_step(tx):
 
 OPTIMIZER_FIXTURES = discover(OPTIMIZER)
 MODEL_FIXTURES = discover(MODEL)
+# What a trajectory fixture records for each parameter pI (radam_trajectory.json "arrays").
+TRAJECTORY_ARRAYS = (
+    "init", "grads", "grad_is_none", "after", "exp_avg_final", "exp_avg_sq_final",
+    "state_step_final",
+)
+SCHEDULE_ARRAYS = ("N_sma", "step_size", "rectified")
 
 
-def test_fixture_folder_holds_an_optimiser_trajectory():
-    assert OPTIMIZER_FIXTURES, "no optimiser fixture (schedule/* + pI/init) in the fixture folder"
+@dataclasses.dataclass(frozen=True)
+class Trajectory:
+    """An optimiser trajectory fixture: whatever parameters and number of steps it records."""
+
+    name: str
+    arrays: dict
+    meta: dict
+    names: tuple[str, ...]
+    steps: int
 
 
-@pytest.fixture(scope="module", params=OPTIMIZER_FIXTURES, ids=lambda f: f.name)
-def trajectory(request):
-    arrays, meta = request.param.arrays(), request.param.meta()
-    names = sorted(key[: -len("/init")] for key in arrays if key.endswith("/init"))
-    return arrays, meta, names
+def load_trajectory(fixture) -> Trajectory:
+    """The fixture's parameters and step count, checked for a consistent layout."""
+    arrays, meta = fixture.arrays(), fixture.meta()
+    names = tuple(sorted(key[: -len("/init")] for key in arrays if key.endswith("/init")))
+    assert names, f"{fixture.name}: no parameter trajectory (pI/init)"
+    missing = [f"{n}/{a}" for n in names for a in TRAJECTORY_ARRAYS if f"{n}/{a}" not in arrays]
+    missing += [f"schedule/{a}" for a in SCHEDULE_ARRAYS if f"schedule/{a}" not in arrays]
+    assert not missing, f"{fixture.name}: missing arrays {missing}"
+    per_step = ("grads", "grad_is_none", "after")
+    rows = {f"{n}/{a}": len(arrays[f"{n}/{a}"]) for n in names for a in per_step}
+    rows.update({f"schedule/{a}": len(arrays[f"schedule/{a}"]) for a in SCHEDULE_ARRAYS})
+    steps = set(rows.values())
+    assert len(steps) == 1 and min(steps) >= 1, f"{fixture.name}: inconsistent step counts {rows}"
+    (steps,) = steps
+    recorded_steps = meta.get("spec", {}).get("steps", steps)
+    assert recorded_steps == steps, f"{fixture.name}: spec.steps {recorded_steps}, {steps} recorded"
+    return Trajectory(fixture.name, arrays, meta, names, steps)
 
 
-@pytest.fixture(scope="module")
-def replayed_trajectory(trajectory):
-    """Our RAdam replayed over the fixture's gradients: (params after each step, final state)."""
-    arrays, meta, names = trajectory
-    hyper = meta["hyper_parameters"]
+@functools.lru_cache(maxsize=None)
+def trajectory_radam(lr, weight_decay, b1, b2, eps):
+    """(RAdam, its jitted step), built once per setting so trajectories of equal shapes share a
+    compilation."""
+    tx = optim.radam(lr, weight_decay, b1=b1, b2=b2, eps=eps)
+    return tx, jitted_step(tx)
+
+
+def replay_trajectory(trajectory: Trajectory):
+    """Our RAdam over the fixture's gradients: (params after each step, final state)."""
+    arrays, hyper = trajectory.arrays, trajectory.meta["hyper_parameters"]
     b1, b2 = hyper["betas"]
-    tx = optim.radam(hyper["lr"], hyper["weight_decay"], b1=b1, b2=b2, eps=hyper["eps"])
-    step = jitted_step(tx)
+    tx, step = trajectory_radam(hyper["lr"], hyper["weight_decay"], b1, b2, hyper["eps"])
+    names = trajectory.names
     params = {name: jnp.asarray(arrays[f"{name}/init"]) for name in names}
     state = tx.init(params)
     history = []
-    for t in range(meta["spec"]["steps"]):
+    for t in range(trajectory.steps):
         has_grad = {name: jnp.asarray(not arrays[f"{name}/grad_is_none"][t]) for name in names}
         # Rows of missing gradients are NaN in the file; has_grad says they are absent.
         grads = {
@@ -85,36 +133,180 @@ def replayed_trajectory(trajectory):
     return history, state
 
 
-def test_radam_reproduces_every_step_of_the_reference_trajectory(trajectory, replayed_trajectory):
-    arrays, meta, names = trajectory
-    history, _ = replayed_trajectory
-    assert len(names) >= 4
+def check_every_step(trajectory: Trajectory, replayed) -> None:
+    history, _ = replayed
+    assert len(history) == trajectory.steps
     for t, params in enumerate(history, start=1):
-        for name in names:
-            error = max_relative_error(params[name], arrays[f"{name}/after"][t - 1])
+        for name in trajectory.names:
+            after = trajectory.arrays[f"{name}/after"]
+            before = trajectory.arrays[f"{name}/init"] if t == 1 else after[t - 2]
+            error = max_relative_error(params[name], after[t - 1], before=before)
             assert error <= PARAM_RTOL, f"{name} after step {t}: max relative error {error:.3g}"
 
 
-def test_radam_final_moments_and_per_parameter_step_counters_match(trajectory, replayed_trajectory):
-    arrays, _, names = trajectory
-    _, state = replayed_trajectory
+def check_final_moments_and_step_counters(trajectory: Trajectory, replayed) -> None:
+    _, state = replayed
     radam_state = state[0]
     assert isinstance(radam_state, optim.ReferenceRAdamState)
-    for name in names:
+    arrays = trajectory.arrays
+    for name in trajectory.names:
         assert int(radam_state.count[name]) == int(arrays[f"{name}/state_step_final"]), name
         for ours, key in ((radam_state.mu, "exp_avg_final"), (radam_state.nu, "exp_avg_sq_final")):
-            error = max_relative_error(ours[name], arrays[f"{name}/{key}"])
-            assert error <= PARAM_RTOL, f"{name}/{key}: max relative error {error:.3g}"
+            error = max_error_relative_to_scale(ours[name], arrays[f"{name}/{key}"])
+            assert error <= PARAM_RTOL, f"{name}/{key}: error relative to its scale {error:.3g}"
 
 
-def test_rectification_schedule_matches_the_reference_float64_values(trajectory):
-    arrays, meta, _ = trajectory
-    b1, b2 = meta["hyper_parameters"]["betas"]
-    steps = jnp.arange(1, meta["spec"]["steps"] + 1)
+def check_rectification_schedule(trajectory: Trajectory) -> None:
+    """Our rectification terms at the fixture's global steps equal its float64 values."""
+    arrays = trajectory.arrays
+    b1, b2 = trajectory.meta["hyper_parameters"]["betas"]
+    steps = jnp.arange(1, trajectory.steps + 1)
     schedule = jax.jit(lambda t: optim.radam_rectification(t, b1, b2))(steps)
     np.testing.assert_allclose(schedule.rho, arrays["schedule/N_sma"], rtol=1e-6)
     np.testing.assert_allclose(schedule.step_size, arrays["schedule/step_size"], rtol=1e-6)
     np.testing.assert_array_equal(schedule.rectified, arrays["schedule/rectified"])
+
+
+def test_fixture_folder_holds_an_optimiser_trajectory():
+    assert OPTIMIZER_FIXTURES, "no optimiser fixture (schedule/* + pI/init) in the fixture folder"
+
+
+@pytest.fixture(scope="module", params=OPTIMIZER_FIXTURES, ids=lambda f: f.name)
+def trajectory(request) -> Trajectory:
+    return load_trajectory(request.param)
+
+
+@pytest.fixture(scope="module")
+def replayed_trajectory(trajectory):
+    return replay_trajectory(trajectory)
+
+
+def test_radam_reproduces_every_step_of_the_reference_trajectory(trajectory, replayed_trajectory):
+    check_every_step(trajectory, replayed_trajectory)
+
+
+def test_radam_final_moments_and_per_parameter_step_counters_match(trajectory, replayed_trajectory):
+    check_final_moments_and_step_counters(trajectory, replayed_trajectory)
+
+
+def test_rectification_schedule_matches_the_reference_float64_values(trajectory):
+    check_rectification_schedule(trajectory)
+
+
+# ----- Regression: a shorter trajectory (fewer parameters, fewer steps) ------------------------
+
+
+def numpy_reference_moments(trajectory: Trajectory, name: str, steps: int):
+    """(exp_avg, exp_avg_sq, own step count) of `name` after `steps` steps, in numpy as the
+    fixture's `algorithm` describes them: float32 state, a missing gradient leaves all three
+    unchanged. The reference's torch kernels fuse `m*b1 + (1-b1)*g` and `v*b2 + ((1-b2)*g)*g` into
+    one rounding (fused multiply-add), emulated here by adding in float64 and rounding once."""
+    b1, b2 = trajectory.meta["hyper_parameters"]["betas"]
+    # 1 - beta is formed in float64 and then rounded, as the reference passes it to torch.
+    one_minus_b1, one_minus_b2 = np.float32(1 - b1), np.float32(1 - b2)
+    m = np.zeros_like(trajectory.arrays[f"{name}/init"])
+    v = np.zeros_like(m)
+    count = 0
+    for t in range(steps):
+        if trajectory.arrays[f"{name}/grad_is_none"][t]:
+            continue
+        g = trajectory.arrays[f"{name}/grads"][t].astype(np.float64)
+        decayed_m = (m * np.float32(b1)).astype(np.float64)
+        decayed_v = (v * np.float32(b2)).astype(np.float64)
+        m = (decayed_m + np.float64(one_minus_b1) * g).astype(np.float32)
+        scaled_g = (one_minus_b2 * g.astype(np.float32)).astype(np.float64)
+        v = (decayed_v + scaled_g * g).astype(np.float32)
+        count += 1
+    return m, v, count
+
+
+def truncated_trajectory_arrays(trajectory: Trajectory, names, steps) -> dict:
+    """The fixture's arrays for the first `steps` steps of `names`, with the final optimiser state
+    at that step from `numpy_reference_moments`."""
+    arrays = {}
+    for name in names:
+        m, v, count = numpy_reference_moments(trajectory, name, steps)
+        arrays[f"{name}/init"] = trajectory.arrays[f"{name}/init"]
+        for key in ("grads", "grad_is_none", "after"):
+            arrays[f"{name}/{key}"] = trajectory.arrays[f"{name}/{key}"][:steps]
+        arrays[f"{name}/exp_avg_final"], arrays[f"{name}/exp_avg_sq_final"] = m, v
+        arrays[f"{name}/state_step_final"] = np.asarray(count, np.int64)
+    for key in SCHEDULE_ARRAYS:
+        arrays[f"schedule/{key}"] = trajectory.arrays[f"schedule/{key}"][:steps]
+    return arrays
+
+
+def test_numpy_reference_moments_reproduce_the_recorded_final_state(trajectory):
+    """The derivation the shorter trajectory relies on, checked on the full recorded one."""
+    arrays = trajectory.arrays
+    for name in trajectory.names:
+        m, v, count = numpy_reference_moments(trajectory, name, trajectory.steps)
+        assert count == int(arrays[f"{name}/state_step_final"]), name
+        for ours, key in ((m, "exp_avg_final"), (v, "exp_avg_sq_final")):
+            assert max_error_relative_to_scale(ours, arrays[f"{name}/{key}"]) <= PARAM_RTOL, key
+
+
+@pytest.fixture(scope="module")
+def shorter_trajectory_source() -> Trajectory:
+    if not OPTIMIZER_FIXTURES:
+        pytest.skip("no optimiser trajectory in the fixture folder to derive from")
+    source = load_trajectory(OPTIMIZER_FIXTURES[0])
+    if len(source.names) < 2 or source.steps < 2:
+        size = f"{len(source.names)} params, {source.steps} steps"
+        pytest.skip(f"{source.name} is too short to shorten ({size})")
+    return source
+
+
+def test_a_shorter_trajectory_is_checked_on_what_it_holds_and_a_perturbed_copy_fails(
+    shorter_trajectory_source, tmp_path
+):
+    """Half the parameters for just over half the steps (so still both RAdam branches), written
+    and discovered like any trajectory fixture."""
+    source = shorter_trajectory_source
+    names, steps = source.names[: max(1, len(source.names) // 2)], source.steps // 2 + 1
+    arrays = truncated_trajectory_arrays(source, names, steps)
+    spec = dict(source.meta.get("spec", {}), steps=steps)
+    if "params" in spec:
+        spec["params"] = spec["params"][: len(names)]
+    shapes = {key: value for key, value in source.meta.get("shapes", {}).items() if key in arrays}
+    meta = dict(source.meta, spec=spec, shapes=shapes)
+    first = names[0]
+    perturbed = dict(arrays)
+    perturbed[f"{first}/after"] = np.array(arrays[f"{first}/after"])
+    last = perturbed[f"{first}/after"][steps - 1].reshape(-1)
+    last[0] += 100 * PARAM_RTOL * float(np.max(np.abs(last)))
+    write_fixture(tmp_path, "shorter", arrays, meta)
+    write_fixture(tmp_path, "shorter_perturbed", perturbed, meta)
+
+    found = {fixture.name: load_trajectory(fixture) for fixture in discover(OPTIMIZER, tmp_path)}
+    assert sorted(found) == ["shorter", "shorter_perturbed"]
+    shorter = found["shorter"]
+    assert (len(shorter.names), shorter.steps) == (len(names), steps)
+    assert len(shorter.names) < len(source.names) and shorter.steps < source.steps
+    replayed = replay_trajectory(shorter)
+    check_every_step(shorter, replayed)
+    check_final_moments_and_step_counters(shorter, replayed)
+    check_rectification_schedule(shorter)
+
+    moved = found["shorter_perturbed"]
+    with pytest.raises(AssertionError, match=f"{first} after step {steps}: max relative error"):
+        check_every_step(moved, replay_trajectory(moved))
+    moved_final_state = {
+        f"{first}/exp_avg_sq_final": lambda v: v + 100 * PARAM_RTOL * np.max(np.abs(v)),
+        f"{first}/state_step_final": lambda v: v + 1,
+    }
+    for key, change in moved_final_state.items():
+        moved_arrays = {**shorter.arrays, key: change(shorter.arrays[key])}
+        moved_state = dataclasses.replace(shorter, arrays=moved_arrays)
+        with pytest.raises(AssertionError):
+            check_final_moments_and_step_counters(moved_state, replayed)
+
+
+def test_a_trajectory_with_inconsistent_step_counts_is_refused(trajectory, tmp_path):
+    arrays = dict(trajectory.arrays)
+    arrays[f"{trajectory.names[0]}/after"] = arrays[f"{trajectory.names[0]}/after"][:-1]
+    with pytest.raises(AssertionError, match="inconsistent step counts"):
+        load_trajectory(write_fixture(tmp_path, "inconsistent", arrays, trajectory.meta))
 
 
 def reference_rectification_float64(t, b1, b2, threshold, strict):
@@ -165,11 +357,15 @@ def test_one_step_on_the_model_fixture_matches_after_step(fixture):
     meta, data = fixture.meta(), fixture.arrays()
     optimizer_config = meta["effective_config"]["optimizer"]
     names = [key[len("grads/") :] for key in data if key.startswith("grads/")]
+    if not names:
+        pytest.skip(f"{fixture.name} records no gradients")
+    unmatched = [n for n in names if f"params/{n}" not in data or f"after_step/{n}" not in data]
+    assert not unmatched, f"gradients without params/ or after_step/ entries: {unmatched}"
     params = {name: data[f"params/{name}"] for name in names}
     grads = {name: data[f"grads/{name}"] for name in names}
     after = {name: data[f"after_step/{name}"] for name in names}
     args = optimizer_config["args"]
-    tx = optim.build_optimizer(optimizer_config["type"], args["lr"], args["weight_decay"])
+    tx = optim.build_optimizer(optimizer_config["type"], args["lr"], args.get("weight_decay", 0.0))
     updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
     new_params = jax.device_get(optax.apply_updates(params, updates))
     for name in names:
@@ -278,6 +474,8 @@ def test_ranger_matches_an_independent_numpy_ranger():
 @pytest.mark.parametrize("fixture", MODEL_FIXTURES, ids=lambda f: f.name)
 def test_epoch_decay_multiplies_lr_by_gamma_once_per_epoch(fixture):
     meta = fixture.meta()["effective_config"]
+    if "lr_scheduler" not in meta or "lr_after_first_epoch_scheduler_step" not in meta:
+        pytest.skip(f"{fixture.name} records no learning-rate schedule")
     base_lr = meta["optimizer"]["args"]["lr"]
     gamma = meta["lr_scheduler"]["args"]["gamma"]
     steps_per_epoch = 3
