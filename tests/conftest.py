@@ -1,13 +1,24 @@
 """Shared test setup: eight CPU devices, strict rank promotion and the reference fixture folder."""
 
+import atexit
 import os
 import pathlib
+import shutil
+import tempfile
 
 # Eight fake CPU devices, so that sharded code is tested against its one-device result. Must be set
 # before jax initialises its backends.
 os.environ["XLA_FLAGS"] = " ".join(
     [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8"]
 ).strip()
+
+# One compilation cache for the session: the many short runs of the same tiny configs, here and in
+# the subprocesses the tests start, compile each program once.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _CACHE = tempfile.mkdtemp(prefix="tt_jax_tests_compilation_cache_")
+    atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import jax  # noqa: E402
 import pytest

@@ -73,6 +73,8 @@ def test_every_key_but_the_restartable_ones_changes_the_identity():
         value = base[key] if "." not in key else eval(f"base.{key}")
         if key == "teachers":  # the same teacher reading another embedding
             value = [dict(base.teachers[0], text_embedding="poor")]
+        elif key == "model":  # another architecture
+            value = {**base.model.to_dict(), "shared_dim": base.model.shared_dim + 1}
         else:
             value = changed(value)
         other = with_value(base, key, value)
@@ -89,6 +91,16 @@ def test_a_mismatch_names_each_differing_key_with_its_old_and_new_value():
     assert f"train.margin ({base.train.margin!r} -> 0.5)" in message
     assert "distillation.distance ('huber' -> 'l1')" in message
     assert "learning_rate" not in message
+
+
+def test_the_identity_is_of_the_resolved_model_and_tolerates_settings_added_later():
+    base = distilled_config()
+    explicit = with_value(base, "model.use_mish", True)  # the default, now written out
+    assert identity_differences(run_identity(base), run_identity(explicit)) == ""
+    saved = dict(run_identity(base))
+    del saved["model.use_mish"], saved["train.margin"]  # as if saved before these keys existed
+    assert identity_differences(saved, run_identity(base)) == ""
+    assert "train.margin" in identity_differences(saved, run_identity(with_value(base, "train.margin", 0.5)))
 
 
 def test_precomputed_teachers_and_a_teachers_source_are_part_of_the_identity():

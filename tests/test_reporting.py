@@ -64,6 +64,19 @@ def test_a_resumed_run_appends_to_metrics_jsonl(tmp_path):
     assert steps == [1, 2]
 
 
+def test_where_files_cannot_be_appended_to_a_resumed_run_rewrites_metrics_jsonl_whole(tmp_path, monkeypatch):
+    """The object-store path (a gs:// workdir), exercised on a local folder."""
+    monkeypatch.setattr(reporting, "_appendable", lambda path: False)
+    with MetricWriter(tmp_path, is_main_process=True) as writer:
+        writer.write_scalars(1, {"loss": 1.0})
+        writer.write_scalars(2, {"loss": 0.5})
+    with MetricWriter(tmp_path, is_main_process=True) as writer:
+        writer.write_scalars(3, {"loss": 0.25})
+        lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+        assert [json.loads(line)["step"] for line in lines] == [1, 2, 3]  # complete after every line
+    assert [json.loads(line)["loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1.0, 0.5, 0.25]
+
+
 def test_reserved_scalar_names_are_refused(tmp_path):
     with MetricWriter(tmp_path, is_main_process=True) as writer:
         with pytest.raises(ReportError, match="reserved"):

@@ -288,3 +288,15 @@ def test_a_bucket_url_is_a_workdir_like_a_local_path():
     workdir = checked_workdir("gs://bucket/tt_jax/run")
     assert isinstance(workdir, epath.Path)
     assert str(workdir / "results.json") == "gs://bucket/tt_jax/run/results.json"
+
+
+def test_a_checkpoint_position_that_means_another_step_on_this_mesh_is_refused(tmp_path):
+    """An epoch's length depends on the device count (its last batch is cut to a multiple of it):
+    a position from another mesh would silently shift the schedule, or loop on an empty epoch."""
+    from tt_jax.data.sampler import SamplerPosition
+
+    train._check_resumable(SamplerPosition(1, 2), 6, 4, 8, tmp_path)  # 1 * 4 + 2 == 6
+    with pytest.raises(UserInputError, match=r"resume on the number of devices it was trained on"):
+        train._check_resumable(SamplerPosition(1, 2), 6, 5, 8, tmp_path)  # saved where epochs had 4 steps
+    with pytest.raises(UserInputError, match=r"stopped at step 4 of epoch 1"):
+        train._check_resumable(SamplerPosition(0, 4), 4, 4, 2, tmp_path)

@@ -30,6 +30,7 @@ from absl import logging
 
 from tt_jax.config import identity_differences
 from tt_jax.errors import UserInputError
+from tt_jax.host_memory import return_freed_memory
 
 _STATE = "state"
 _META = "meta"
@@ -150,11 +151,14 @@ class Checkpointer:
         if bad_leaf is not None:
             raise CheckpointError(
                 f"refusing to save the {kind} checkpoint at step {step}: {bad_leaf} holds NaN or inf. "
-                "Training diverged; lower the learning rate or resume from the previous checkpoint."
+                "Training diverged; resume from the previous checkpoint, or train with a lower learning rate "
+                "in a new workdir."
             )
         # One save in flight at a time: each holds a host copy of the whole state until it is
-        # written, and `best` and `latest` are saved one after the other after a validation.
+        # written, and `best` and `latest` are saved one after the other after a validation. The
+        # train step's freed temporaries go back to the system first, so the copy does not add to them.
         self.wait()
+        return_freed_memory()
         meta = {
             "step": step,
             "position": _as_json(dict(position), "position"),
@@ -213,18 +217,24 @@ class Checkpointer:
         )
         return restored[_STATE], meta
 
+    def check_identity(self) -> None:
+        """Raises CheckpointError unless every checkpoint here was written by this run (reads only
+        the JSON metadata)."""
+        self._read_meta(self._latest, "latest")
+        self._read_meta(self._best, "best")
+
     def _check_identity(self, saved: Any, kind: str, step: int) -> None:
-        if saved == self.identity:
-            return
         where = f"the {kind} checkpoint at step {step} in {self.directory}"
         if not isinstance(saved, dict):
             raise CheckpointError(
                 f"{where} records no run identity (an older tt_jax wrote it); choose a new --workdir or delete this one"
             )
-        raise CheckpointError(
-            f"{where} was written by another run: {identity_differences(saved, self.identity)}. This workdir "
-            "belongs to that run; choose a new --workdir or delete this one."
-        )
+        differences = identity_differences(saved, self.identity)
+        if differences:
+            raise CheckpointError(
+                f"{where} was written by another run: {differences}. This workdir belongs to that run; "
+                "choose a new --workdir or delete this one."
+            )
 
     # -- lifetime -------------------------------------------------------------------------------
 

@@ -29,12 +29,15 @@ Defaults are the reference's TeachText settings where it has one (`teachtext_ce_
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import re
 from typing import Any, Mapping
 
 import ml_collections
 
 from tt_jax.errors import UserInputError
+from tt_jax.models.config import ExpertConfig, ModelConfig, as_model_config
 
 # Keys whose values are free-form dicts or lists of dicts, checked by their consumers.
 _FREE_FORM = {"model", "data.synthetic", "data.expert_files", "teachers"}
@@ -288,11 +291,9 @@ def check_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
     stages = [stage for stage in merged.pipeline.stages if stage not in PIPELINE_STAGES]
     if stages:
         raise ConfigError(f"unknown pipeline stages {stages}; valid stages are {list(PIPELINE_STAGES)}")
-    if merged.train.eval_every_epochs < 1 or merged.train.num_epochs < 1:
-        raise ConfigError(
-            f"train.num_epochs and train.eval_every_epochs must be at least 1, got "
-            f"{merged.train.num_epochs} and {merged.train.eval_every_epochs}"
-        )
+    for key in ("num_epochs", "eval_every_epochs", "log_every_steps"):
+        if not isinstance(merged.train[key], int) or merged.train[key] < 1:
+            raise ConfigError(f"train.{key} must be a whole number of at least 1, got {merged.train[key]!r}")
     if merged.train.transfer_guard not in TRANSFER_GUARDS:
         raise ConfigError(
             f"train.transfer_guard is {merged.train.transfer_guard!r}; choose one of {list(TRANSFER_GUARDS)}"
@@ -332,6 +333,7 @@ def run_identity(config: Any) -> dict[str, Any]:
     plain = _plain(config)
     for key in RECIPE_KEYS:
         plain.pop(key, None)
+    plain["model"] = as_model_config(plain["model"]).to_dict()  # resolved: every field, defaults included
     plain["teachers"] = [
         {
             key: value
@@ -348,9 +350,36 @@ def run_identity(config: Any) -> dict[str, Any]:
     return flat
 
 
-def identity_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> str:
-    """"key (old value -> new value), ..." for every key on which two identities differ."""
+@functools.lru_cache(maxsize=1)
+def _default_values() -> dict[str, Any]:
+    """{dotted key: default} of the config schema and of the model's fields (experts' as
+    "model.experts[].<field>")."""
+    defaults = _flatten(_plain(default_config()), "")
+    for cls, prefix in ((ModelConfig, "model."), (ExpertConfig, "model.experts[].")):
+        for field in dataclasses.fields(cls):
+            if field.default is not dataclasses.MISSING:
+                defaults[prefix + field.name] = field.default
+    return defaults
+
+
+def _default_of(key: str) -> Any:
+    return _default_values().get(re.sub(r"\[\d+\]", "[]", key), _NOT_SET)
+
+
+_NOT_SET = "<not set>"
+
+
+def identity_differences(saved: Mapping[str, Any], current: Mapping[str, Any], limit: int = 20) -> str:
+    """"key (old value -> new value), ..." for every key on which two identities differ ("" if none).
+
+    A key that one side lacks stands at its default there: a setting added to tt_jax after a run
+    was saved, left at its default, is the same run.
+    """
     saved, current = dict(saved), dict(current)
-    missing = "<not set>"
-    keys = sorted(key for key in saved.keys() | current.keys() if saved.get(key, missing) != current.get(key, missing))
-    return ", ".join(f"{key} ({saved.get(key, missing)!r} -> {current.get(key, missing)!r})" for key in keys)
+
+    def value(identity, key):
+        return identity[key] if key in identity else _default_of(key)
+
+    keys = sorted(key for key in saved.keys() | current.keys() if value(saved, key) != value(current, key))
+    shown = ", ".join(f"{key} ({value(saved, key)!r} -> {value(current, key)!r})" for key in keys[:limit])
+    return shown + (f" and {len(keys) - limit} more keys" if len(keys) > limit else "")

@@ -52,7 +52,7 @@ def main(argv: list[str]) -> int:
         jax.distributed.initialize()  # coordinator and process ids come from the TPU / SLURM environment
     if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         # The recipe's runs (teachers, seeds) compile the same programs: compile each once.
-        jax.config.update("jax_compilation_cache_dir", str(pathlib.Path(_WORKDIR.value) / "compilation_cache"))
+        jax.config.update("jax_compilation_cache_dir", _WORKDIR.value.rstrip("/") + "/compilation_cache")
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     try:
         results = pipeline.run(_CONFIG.value, _WORKDIR.value)

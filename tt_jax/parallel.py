@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from tt_jax.errors import UserInputError
 
@@ -27,7 +27,10 @@ def make_mesh(num_devices: Optional[int] = None) -> Mesh:
         if not 1 <= num_devices <= len(devices):
             raise ValueError(f"asked for {num_devices} devices, {len(devices)} are available")
         devices = devices[:num_devices]
-    return Mesh(np.asarray(devices), (DATA_AXIS,))
+    # In jax.devices() order, so that each process's devices are one contiguous block of the data
+    # axis, as its slice of every batch is (jax.make_mesh may reorder them by physical topology).
+    # Auto axis: outside the shard_map'ed parts the compiler propagates shardings.
+    return Mesh(np.asarray(devices), (DATA_AXIS,), axis_types=(AxisType.Auto,))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

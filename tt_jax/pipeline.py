@@ -139,9 +139,10 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
     runs = recipe_runs(config, workdir)
     selected = [run for run in runs if run.stage in stages]
     to_train = [run for run in selected if not _is_finished(run)]
-    # One copy of the data for every run (a release can take most of host memory); finished
+    # One copy of the data for every run (a release can take most of host memory), holding what
+    # any run of the recipe reads (whichever stages run, so the data is always the same); finished
     # runs only check their results, so nothing is loaded when every run has finished.
-    stores = load_splits(config.data, recipe_data_needs(to_train)) if to_train else None
+    stores = load_splits(config.data, recipe_data_needs(runs)) if to_train else None
     for recipe_run in selected:
         logging.info("%s: %s (seed %s) in %s", recipe_run.stage, recipe_run.name, recipe_run.seed, recipe_run.workdir)
         train.train_and_evaluate(recipe_run.config, recipe_run.workdir, stores=stores)

@@ -54,24 +54,35 @@ class ReportError(UserInputError):
 # -- metric logs ---------------------------------------------------------------------------------
 
 
+def _appendable(path: epath.Path) -> bool:
+    """Whether a file can be appended to: a local (or mounted) one, not an object in a bucket."""
+    return "://" not in str(path)
+
+
 class MetricWriter:
     """Scalars to `workdir/metrics.jsonl` and `workdir/tensorboard/`; config to `config.json`.
 
     Nothing is written when `is_main_process` is False, so every process may call it. The JSONL
     file is appended to (a resumed run continues it) and flushed after every line, so a killed
-    run leaves only complete lines. Non-finite scalars are written as NaN/Infinity, which
-    Python's `json` reads back.
+    run leaves only complete lines. Object stores (a `gs://` workdir) cannot append: there the
+    file is rewritten whole at every line, each write replacing the object at once. Non-finite
+    scalars are written as NaN/Infinity, which Python's `json` reads back.
     """
 
     def __init__(self, workdir, *, is_main_process: bool):
         self.enabled = is_main_process
         self.workdir = epath.Path(workdir)
         self._jsonl = None
+        self._lines: Optional[list[str]] = None  # the whole file, where it cannot be appended to
         self._tensorboard = None
         if not self.enabled:
             return
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = (self.workdir / "metrics.jsonl").open("a", encoding="utf-8")
+        path = self.workdir / "metrics.jsonl"
+        if not _appendable(path):
+            self._lines = path.read_text(encoding="utf-8").splitlines(keepends=True) if path.exists() else []
+        else:
+            self._jsonl = path.open("a", encoding="utf-8")
         self._tensorboard = tensorboardX.SummaryWriter(logdir=str(self.workdir / "tensorboard"))
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
@@ -82,8 +93,13 @@ class MetricWriter:
         if {"step", "time"} & values.keys():
             raise ReportError(f"scalar names 'step' and 'time' are reserved in metrics.jsonl, got {sorted(values)}")
         step = int(step)
-        self._jsonl.write(json.dumps({"step": step, "time": time.time(), **values}) + "\n")
-        self._jsonl.flush()
+        line = json.dumps({"step": step, "time": time.time(), **values}) + "\n"
+        if self._lines is not None:
+            self._lines.append(line)
+            (self.workdir / "metrics.jsonl").write_text("".join(self._lines), encoding="utf-8")
+        else:
+            self._jsonl.write(line)
+            self._jsonl.flush()
         for name, value in values.items():
             self._tensorboard.add_scalar(name, value, global_step=step)
 
@@ -99,14 +115,16 @@ class MetricWriter:
 
     def flush(self) -> None:
         if self.enabled:
-            self._jsonl.flush()
+            if self._jsonl is not None:
+                self._jsonl.flush()
             self._tensorboard.flush()
 
     def close(self) -> None:
-        if self.enabled and self._jsonl is not None:
-            self._jsonl.close()
+        if self.enabled:
+            if self._jsonl is not None:
+                self._jsonl.close()
             self._tensorboard.close()
-            self._jsonl = self._tensorboard = None
+            self._jsonl = self._tensorboard = self._lines = None
             self.enabled = False
 
     def __enter__(self) -> "MetricWriter":

@@ -167,11 +167,13 @@ class _LossWatch:
         self.last_saved: Optional[int] = None
 
     def check(self, scalars: Mapping[str, Any], global_step: int) -> dict[str, float]:
-        """The step's scalars on the host, after checking the loss."""
+        """The step's scalars on the host, after checking the loss and the gradient norm (a finite
+        loss with non-finite gradients has made the state non-finite all the same)."""
         values = {name: float(value) for name, value in jax.device_get(dict(scalars)).items()}
-        if np.isfinite(values["loss"]):
+        if np.isfinite(values["loss"]) and np.isfinite(values["grad_norm"]):
             self.last_finite_step = global_step
             return values
+        what = "loss" if not np.isfinite(values["loss"]) else "gradient norm"
         kept = (
             f"the last good checkpoint is step {self.last_saved} in {self.workdir}/checkpoints/latest"
             if self.last_saved is not None
@@ -179,10 +181,23 @@ class _LossWatch:
         )
         seen = f" (last seen finite at step {self.last_finite_step})" if self.last_finite_step is not None else ""
         raise TrainingDivergedError(
-            f"the training loss became {values['loss']} by step {global_step}{seen}; {kept} and nothing after it "
-            "was saved. Lower train.learning_rate or check the input features, then rerun (the run resumes "
-            "from that checkpoint)."
+            f"the training {what} became {values['loss' if what == 'loss' else 'grad_norm']} by step "
+            f"{global_step}{seen}; {kept} and nothing after it was saved. Check the input features and "
+            "rerun (the run resumes from that checkpoint), or train with a lower train.learning_rate in a "
+            "new --workdir (the learning rate is part of the run's identity)."
         )
+
+
+def _check_resumable(position: sampler.SamplerPosition, state_step: int, steps_in_epoch: int, devices: int, workdir) -> None:
+    """The checkpoint's sampler position must mean the same step on this mesh: the epoch's length
+    depends on the number of devices (its last batch is cut to a multiple of it)."""
+    if position.step < steps_in_epoch and position.epoch * steps_in_epoch + position.step == state_step:
+        return
+    raise UserInputError(
+        f"the checkpoint in {workdir} stopped at step {position.step} of epoch {position.epoch + 1} after "
+        f"{state_step} steps, which on these {devices} devices ({steps_in_epoch} steps per epoch) is another "
+        "point of training; resume on the number of devices it was trained on"
+    )
 
 
 def _flat_metrics(prefix: str, result: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
@@ -205,18 +220,25 @@ def train_and_evaluate(
     """
     config = check_config(config)
     workdir = checked_workdir(workdir)
-    finished = read_results(workdir)
-    if finished is not None and finished.get("num_epochs") == config.train.num_epochs:
-        check_same_run(finished.get("identity"), config, f"{workdir / RESULTS_FILE}")
-        logging.info("%s has finished; reading its results", workdir)
-        return finished
-    with jax.default_matmul_precision(config.train.matmul_precision):
-        return _train(config, workdir, stores)
-
-
-def _train(config: ml_collections.ConfigDict, workdir: epath.Path, stores) -> dict:
-    train_config, text_name = config.train, config.data.text_embedding
     identity = run_identity(config)
+    # The workdir must hold this run, or nothing yet: checked before any data is loaded or any
+    # file written, so a refused rerun changes nothing.
+    finished = read_results(workdir)
+    if finished is not None:
+        check_same_run(finished.get("identity"), identity, f"{workdir / RESULTS_FILE}")
+        if finished.get("num_epochs") == config.train.num_epochs:
+            logging.info("%s has finished; reading its results", workdir)
+            return finished
+    with Checkpointer(workdir, identity=identity) as checkpointer:
+        checkpointer.check_identity()
+        with jax.default_matmul_precision(config.train.matmul_precision):
+            return _train(config, workdir, stores, identity, checkpointer)
+
+
+def _train(
+    config: ml_collections.ConfigDict, workdir: epath.Path, stores, identity: dict, checkpointer: Checkpointer
+) -> dict:
+    train_config, text_name = config.train, config.data.text_embedding
     entries = teacher_entries(config)
     needs = data_needs(config, entries)
 
@@ -267,7 +289,6 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, stores) -> di
 
     # ---- resume ------------------------------------------------------------------------------
     is_main = jax.process_index() == 0
-    checkpointer = Checkpointer(workdir, identity=identity)
     writer = MetricWriter(workdir, is_main_process=is_main)
     writer.write_config(config)
     loss_watch = _LossWatch(workdir)
@@ -279,8 +300,10 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, stores) -> di
         else:
             state, meta = restored
             position, loss_watch.last_saved = sampler.SamplerPosition.from_dict(meta["position"]), meta["step"]
+            _check_resumable(position, int(jax.device_get(state.step)), steps_in_epoch, mesh.size, workdir)
             logging.info("resuming %s from step %d (epoch %d, step %d)", workdir, meta["step"], position.epoch, position.step)
         best = checkpointer.best_metrics()
+        scalars = None  # the last step's, once one has run
 
         def save_latest(scalars) -> None:
             loss_watch.check(scalars, global_step)
@@ -363,4 +386,3 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, stores) -> di
         return results
     finally:
         writer.close()
-        checkpointer.close()

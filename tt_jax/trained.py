@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from etils import epath
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import jax
 import ml_collections
@@ -55,19 +55,19 @@ def model_config_of(config: Any) -> ModelConfig:
     return as_model_config(config.model)
 
 
-def check_same_run(saved_identity: Any, config: Any, where: str) -> None:
-    """Raises RunDirectoryError unless `saved_identity` (from results.json or a checkpoint) is the
-    identity of the run `config` describes, naming each differing key with both values."""
-    current = run_identity(config)
-    if saved_identity == current:
-        return
+def check_same_run(saved_identity: Any, current: Mapping[str, Any], where: str) -> None:
+    """Raises RunDirectoryError unless `saved_identity` (from results.json) is `current`, the
+    identity of the run a config describes, naming each differing key with both values."""
     if not isinstance(saved_identity, dict):
         raise RunDirectoryError(
             f"{where} was written by an older tt_jax that did not record what the run trained; choose a new "
             "--workdir (or delete this one) to train the run again"
         )
+    differences = identity_differences(saved_identity, current)
+    if not differences:
+        return
     raise RunDirectoryError(
-        f"{where} holds another run: {identity_differences(saved_identity, current)}. Only "
+        f"{where} holds another run: {differences}. Only "
         "the run length, logging, checkpoint and evaluation cadence, evaluation chunking and data "
         "locations may change on a rerun (tt_jax.config.RESTARTABLE_KEYS); choose a new --workdir "
         "for a different setting"
