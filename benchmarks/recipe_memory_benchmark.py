@@ -257,7 +257,10 @@ def run_recipe(args, data_dir: str, workdir: str, overrides: dict) -> dict:
         *[f"--config.model.{key}={value}" for key, value in overrides.items()],
         *args.extra,
     ]
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+    # The command as a user runs it: one CPU device (a test process's fake devices would replicate
+    # the state on each of them).
+    xla_flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if "force_host_platform_device_count" not in f)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), XLA_FLAGS=xla_flags)
     env.setdefault("JAX_COMPILATION_CACHE_DIR", str(pathlib.Path(workdir) / "compilation_cache"))
     start = time.perf_counter()
     child = subprocess.Popen(

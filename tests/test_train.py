@@ -300,3 +300,17 @@ def test_a_checkpoint_position_that_means_another_step_on_this_mesh_is_refused(t
         train._check_resumable(SamplerPosition(1, 2), 6, 5, 8, tmp_path)  # saved where epochs had 4 steps
     with pytest.raises(UserInputError, match=r"stopped at step 4 of epoch 1"):
         train._check_resumable(SamplerPosition(0, 4), 4, 4, 2, tmp_path)
+
+
+def test_sigterm_on_an_epochs_last_step_validates_that_epoch_before_stopping(finished_run, tmp_path, monkeypatch):
+    """Before, the epoch's end was saved first, so the resumed run never validated that epoch."""
+    monkeypatch.setattr(train, "_preempted", lambda flag, global_step: global_step == 4)  # 4 steps per epoch
+    with pytest.raises(train.Preempted, match="stopped by SIGTERM at step 4"):
+        train.train_and_evaluate(baseline_config(), tmp_path)
+    assert [row["epoch"] for row in read_jsonl(tmp_path / "metrics.jsonl") if "epoch" in row] == [1]
+    assert latest_steps(tmp_path) == [4]
+    monkeypatch.undo()
+    results = train.train_and_evaluate(baseline_config(), tmp_path)
+    _, uninterrupted = finished_run
+    for key in ("val", "test", "best_epoch", "best_step"):
+        assert results[key] == uninterrupted[key], key

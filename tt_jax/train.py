@@ -310,12 +310,19 @@ def _train(
             checkpointer.save_latest(state, position=position.to_dict())
             loss_watch.last_saved = global_step
 
+        def stop_preempted() -> None:
+            checkpointer.wait()
+            raise Preempted(
+                f"stopped by SIGTERM at step {global_step}; saved {workdir}/checkpoints/latest. "
+                "Run the same command again to resume."
+            )
+
         # ---- the loop --------------------------------------------------------------------------
         global_step = position.epoch * steps_in_epoch + position.step
         start = time.perf_counter()
         with _sigterm_flag() as sigterm, jax.transfer_guard(train_config.transfer_guard):
             while position.epoch < train_config.num_epochs:
-                epoch = position.epoch
+                epoch, preempted = position.epoch, False
                 for _ in progress(
                     range(position.step, steps_in_epoch),
                     total=steps_in_epoch - position.step,
@@ -336,16 +343,18 @@ def _train(
                     if global_step % train_config.log_every_steps == 0:
                         writer.write_scalars(global_step, loss_watch.check(scalars, global_step))
                     if _preempted(sigterm, global_step):
+                        preempted = True
+                        if position.step == 0:
+                            break  # the epoch is complete: validate it before saving its end
                         save_latest(scalars)
-                        checkpointer.wait()
-                        raise Preempted(
-                            f"stopped by SIGTERM at step {global_step}; saved {workdir}/checkpoints/latest. "
-                            "Run the same command again to resume."
-                        )
+                        stop_preempted()
                     every = train_config.checkpoint_every_steps
                     if every and global_step % every == 0 and position.step != 0:
                         save_latest(scalars)
                 if (epoch + 1) % train_config.eval_every_epochs and epoch + 1 != train_config.num_epochs:
+                    if preempted:
+                        save_latest(scalars)
+                        stop_preempted()
                     continue
 
                 loss_watch.check(scalars, global_step)  # never validate, or save, a diverged state
@@ -360,6 +369,8 @@ def _train(
                     best = {**val, "epoch": epoch + 1, "step": global_step}
                     checkpointer.save_best(state, position=position.to_dict(), metrics=best)
                 save_latest(scalars)
+                if preempted:
+                    stop_preempted()
         checkpointer.wait()
         seconds = time.perf_counter() - start
 
