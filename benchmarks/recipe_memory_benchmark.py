@@ -164,23 +164,10 @@ def _load_config(dataset: str, overrides: dict):
     return config
 
 
-def _store_nbytes(stores) -> int:
-    """Bytes of every array the stores hold, each array counted once (val and test may share)."""
-    arrays = {}
-    for store in {id(s): s for s in stores.values()}.values():
-        for array in [*store.experts.values(), *store.availability.values()]:
-            arrays[id(array)] = array.nbytes
-        for table in store.text.values():
-            for array in (table.tokens, table.starts, table.lengths):
-                arrays[id(array)] = array.nbytes
-        if store.caption_weights is not None:
-            arrays[id(store.caption_weights)] = store.caption_weights.nbytes
-    return sum(arrays.values())
-
-
 def _budget(config, data_dir: str) -> dict:
     """Student state + live teachers + features, in bytes, from parameter counts and the stores."""
     from tt_jax.config import teacher_entries, teacher_model_config
+    from tt_jax.data.feature_store import distinct_nbytes
     from tt_jax.models import count_parameters
     from tt_jax.train import run_stores
 
@@ -190,7 +177,7 @@ def _budget(config, data_dir: str) -> dict:
     teachers = [
         count_parameters(teacher_model_config(config, entry)) for entry in teacher_entries(config) if entry.is_live
     ]
-    features = _store_nbytes(run_stores(config))
+    features = distinct_nbytes(run_stores(config))
     float_bytes = 4
     return {
         "student_params": student,

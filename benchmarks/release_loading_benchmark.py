@@ -59,6 +59,7 @@ def request(data_dir: str, dtype: str):
 def load_in_this_process(data_dir: str, dtype: str, tfds_dir: str) -> dict:
     """Loads the release (or its prepared copy in tfds_dir) and returns the measurements (run in a
     child process)."""
+    from tt_jax.data.feature_store import distinct_nbytes
     from tt_jax.data.release import read_release
 
     pathlib.Path("/proc/self/clear_refs").write_text("5")  # resets the peak (VmHWM) to the current RSS
@@ -72,15 +73,8 @@ def load_in_this_process(data_dir: str, dtype: str, tfds_dir: str) -> dict:
         stores = read_release(request(data_dir, dtype))
     seconds = time.perf_counter() - start
     peak = _status_bytes("VmHWM")
-    arrays = {}
-    for store in {id(s): s for s in stores.values()}.values():
-        for array in [*store.experts.values(), *store.availability.values()]:
-            arrays[id(array)] = array.nbytes
-        for table in store.text.values():
-            for array in (table.tokens, table.starts, table.lengths):
-                arrays[id(array)] = array.nbytes
     videos = {name: store.num_videos for name, store in stores.items()}
-    return dict(seconds=seconds, before=before, peak=peak, feature_bytes=sum(arrays.values()), videos=videos)
+    return dict(seconds=seconds, before=before, peak=peak, feature_bytes=distinct_nbytes(stores), videos=videos)
 
 
 def main(argv) -> None:

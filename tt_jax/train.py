@@ -259,8 +259,7 @@ def _train(
     learning_rate = optim.epoch_decay_schedule(train_config.learning_rate, train_config.lr_decay_gamma, steps_in_epoch)
     optimizer = run_optimizer(train_config, learning_rate)
     model = build_model(model_config)  # evaluation (BatchNorm in eval mode needs no devices axis)
-    for store in stores.values():
-        store.validate(model_config, text_name)
+    train_store.validate(model_config, text_name)  # the evaluators validate val and test
     abstract = abstract_train_state(model, optimizer, replicated)
 
     # ---- teachers: frozen variables placed on the mesh directly ------------------------------

@@ -450,6 +450,21 @@ class FeatureStore:
                 )
 
 
+def distinct_nbytes(stores: Mapping[str, "FeatureStore"]) -> int:
+    """Bytes of every array a set of split stores holds, each array counted once (splits listed by
+    one file, such as ActivityNet's val and test, share their arrays)."""
+    arrays = {}
+    for store in {id(store): store for store in stores.values()}.values():
+        for array in [*store.experts.values(), *store.availability.values()]:
+            arrays[id(array)] = array.nbytes
+        for table in store.text.values():
+            for array in (table.tokens, table.starts, table.lengths):
+                arrays[id(array)] = array.nbytes
+        if store.caption_weights is not None:
+            arrays[id(store.caption_weights)] = store.caption_weights.nbytes
+    return sum(arrays.values())
+
+
 def _finite_rows(array: np.ndarray, rows_per_block: int = 1 << 14) -> np.ndarray:
     """[N] whether each row of `array` is all finite, checked in blocks: a whole-array
     np.isfinite would allocate a mask a quarter the size of the largest feature table."""
