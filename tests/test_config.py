@@ -66,13 +66,15 @@ def test_every_key_but_the_restartable_ones_changes_the_identity():
     as restartable or belongs to the recipe around the runs."""
     base = distilled_config()
     keys = [key for key in leaf_keys(base) if key.split(".")[0] not in config_module.RECIPE_KEYS]
-    assert {"distillation.distance", "distillation.aggregation", "distillation.weight", "train.margin",
+    assert {"distillation.terms", "train.margin",
             "train.learning_rate", "train.weight_decay", "train.lr_decay_gamma", "data.dataset", "data.split",
             "data.denoising", "data.source", "data.feature_dtype", "model", "teachers"} <= set(keys)
     for key in keys:
         value = base[key] if "." not in key else eval(f"base.{key}")
         if key == "teachers":  # the same teacher reading another embedding
             value = [dict(base.teachers[0], text_embedding="poor")]
+        elif key == "distillation.terms":  # the same method with another setting
+            value = [dict(method="teachtext", delta=2.0)]
         elif key == "model":  # another architecture
             value = {**base.model.to_dict(), "shared_dim": base.model.shared_dim + 1}
         else:
@@ -86,10 +88,10 @@ def test_every_key_but_the_restartable_ones_changes_the_identity():
 
 def test_a_mismatch_names_each_differing_key_with_its_old_and_new_value():
     base = distilled_config()
-    other = with_value(with_value(base, "train.margin", 0.5), "distillation.distance", "l1")
+    other = with_value(with_value(base, "train.margin", 0.5), "distillation.terms", [dict(method="teachtext", distance="l1")])
     message = identity_differences(run_identity(base), run_identity(other))
     assert f"train.margin ({base.train.margin!r} -> 0.5)" in message
-    assert "distillation.distance ('huber' -> 'l1')" in message
+    assert "distillation.terms[0].distance ('huber' -> 'l1')" in message
     assert "learning_rate" not in message
 
 
@@ -120,11 +122,14 @@ def test_a_recipe_teacher_is_identified_by_its_entry_not_where_the_recipe_keeps_
     assert run_identity(wider) != run_identity(here)
 
 
-def test_a_run_without_teachers_ignores_the_distillation_settings():
-    baseline = check_config(tiny_config("baseline"))
-    with baseline.unlocked():
-        baseline.teachers = []
-    assert run_identity(with_value(baseline, "distillation.weight", 3.0)) == run_identity(baseline)
+def test_the_distillation_terms_are_identified_with_every_setting_resolved():
+    base = distilled_config()
+    explicit = with_value(base, "distillation.terms", [dict(method="teachtext", weight=1.0, delta=1.0, schedule=dict(kind="none"))])
+    assert run_identity(explicit) == run_identity(base)
+    scheduled = with_value(base, "distillation.terms", [dict(method="teachtext", schedule=dict(kind="exp"))])
+    assert "distillation.terms[0].schedule.kind ('none' -> 'exp')" in identity_differences(run_identity(base), run_identity(scheduled))
+    baseline = check_config(tiny_config("baseline"))  # no teachers: the student's own terms still count
+    assert run_identity(with_value(baseline, "distillation.terms", [dict(method="caption")])) != run_identity(baseline)
 
 
 @pytest.mark.parametrize(

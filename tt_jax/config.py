@@ -36,11 +36,12 @@ from typing import Any, Mapping
 
 import ml_collections
 
+from tt_jax.distillation.terms import distillation_terms
 from tt_jax.errors import UserInputError
 from tt_jax.models.config import ExpertConfig, ModelConfig, as_model_config
 
 # Keys whose values are free-form dicts or lists of dicts, checked by their consumers.
-_FREE_FORM = {"model", "data.synthetic", "data.expert_files", "teachers"}
+_FREE_FORM = {"model", "data.synthetic", "data.expert_files", "teachers", "distillation.terms"}
 
 # Top-level shortcuts for the settings most often changed on the command line
 # (`--config.data_dir=/data --config.num_epochs=5 --config.seeds=0,1`): when set, they replace
@@ -59,6 +60,9 @@ _MOVED_KEYS = {
     "data.teachers": "config.teachers entries with source='precomputed' (the files to load are derived from them)",
     "data.text_embeddings": "nothing: the text embeddings to load are derived from data.text_embedding and "
     "config.teachers; remove the key",
+    "distillation.weight": "the 'weight' of a config.distillation.terms entry, e.g. [dict(method='teachtext', weight=...)]",
+    "distillation.aggregation": "the 'aggregation' setting of a config.distillation.terms entry",
+    "distillation.distance": "the 'distance' setting of a config.distillation.terms entry (huber, l1, l2)",
 }
 
 # Keys that may change between restarts of one run without changing what it trains: run length,
@@ -134,9 +138,11 @@ def default_config() -> ml_collections.ConfigDict:
     config.train.transfer_guard = "disallow"
 
     config.distillation = ml_collections.ConfigDict()
-    config.distillation.weight = 1.0  # the reference adds the loss unweighted
-    config.distillation.aggregation = "mean"  # mean | min | max over teachers
-    config.distillation.distance = "huber"  # huber (SmoothL1, beta 1) | l1 | l2
+    # The run's distillation terms, each a dict with a "method" and its settings
+    # (tt_jax/distillation/terms.py; README: Distillation methods). The default is TeachText's:
+    # Huber (delta 1) towards the teachers' mean similarity, added unweighted as the reference.
+    # An empty list trains on the ranking loss alone.
+    config.distillation.terms = [dict(method="teachtext")]
 
     # The run's teachers (see the module docstring): the distilled student reads every entry; the
     # recipe trains the "recipe" ones first; the baseline student reads none.
@@ -301,6 +307,7 @@ def check_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
     if not merged.model:
         raise ConfigError("config.model is empty: describe the student (see configs/demo.py)")
     teacher_entries(merged)
+    distillation_terms(merged)
     return merged
 
 
@@ -325,8 +332,8 @@ def _flatten(value: Any, prefix: str) -> dict[str, Any]:
 def run_identity(config: Any) -> dict[str, Any]:
     """{dotted key: value} of every setting of `config` (checked) that changes what is trained.
 
-    Everything but RESTARTABLE_KEYS and the recipe's own keys (and the distillation settings of a
-    run without teachers, which they do not change). A "recipe" teacher is identified
+    Everything but RESTARTABLE_KEYS and the recipe's own keys; the distillation terms with every
+    setting resolved, so that a default made explicit is the same run. A "recipe" teacher is identified
     by its entry (and the rest of the config), not by where the recipe keeps its run directory,
     so a recipe's workdir can move; `trust_pickle` is a permission, not a setting.
     """
@@ -342,11 +349,10 @@ def run_identity(config: Any) -> dict[str, Any]:
         }
         for entry in teacher_entries(config)
     ]
+    plain["distillation"]["terms"] = _plain([term.to_dict() for term in distillation_terms(config)])
     flat = _flatten(plain, "")
     for key in RESTARTABLE_KEYS:
         flat.pop(key, None)
-    if not plain["teachers"]:  # without teachers the distillation settings change nothing
-        flat = {key: value for key, value in flat.items() if not key.startswith("distillation.")}
     return flat
 
 

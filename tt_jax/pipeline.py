@@ -74,6 +74,7 @@ def teacher_config(config: ml_collections.ConfigDict, entry: TeacherEntry) -> ml
             "seed": config.pipeline.teacher_seed,
             "data.text_embedding": entry.text_embedding,
             "teachers": [],
+            "distillation.terms": [],
         },
     )
 
@@ -82,13 +83,14 @@ def student_config(
     config: ml_collections.ConfigDict, workdir: epath.Path, seed: int, *, distilled: bool
 ) -> ml_collections.ConfigDict:
     """The run config of a student: every teacher of the list ("recipe" ones read from their runs
-    in `workdir/teachers/`), or none for the baseline."""
+    in `workdir/teachers/`) and the distillation terms, or neither for the baseline."""
+    if not distilled:
+        return _run_config(config, {"seed": seed, "teachers": [], "distillation.terms": []})
     teachers = []
-    if distilled:
-        for entry in _entries(config):
-            if entry.source == "recipe":
-                entry = dataclasses.replace(entry, path=str(workdir / "teachers" / entry.name))
-            teachers.append(entry.to_dict())
+    for entry in _entries(config):
+        if entry.source == "recipe":
+            entry = dataclasses.replace(entry, path=str(workdir / "teachers" / entry.name))
+        teachers.append(entry.to_dict())
     return _run_config(config, {"seed": seed, "teachers": teachers})
 
 
@@ -131,10 +133,10 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
     config = check_config(config)
     workdir = checked_workdir(workdir)
     stages = set(config.pipeline.stages)
-    if STUDENT_TEACHTEXT in stages and not _entries(config):
+    if STUDENT_TEACHTEXT in stages and not config.distillation.terms:
         raise ConfigError(
-            "the student_teachtext stage needs teachers: list them in config.teachers, or leave the stage "
-            "out of pipeline.stages"
+            "the student_teachtext stage trains the distilled student, and config.distillation.terms is empty: "
+            "list its terms, or leave the stage out of pipeline.stages"
         )
     runs = recipe_runs(config, workdir)
     selected = [run for run in runs if run.stage in stages]

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from tt_jax.config import TeacherEntry, teacher_model_config
 from tt_jax.data.feature_store import FeatureStore
+from tt_jax.distillation.view import TeacherView
 from tt_jax.errors import UserInputError
 from tt_jax.interop import from_reference_state_dict, load_reference_checkpoint
 from tt_jax.models import CENet, Embeddings, ModelConfig, as_model_config, build_model, weighted_similarity
@@ -137,8 +138,9 @@ def similarity_rows(embeddings: Embeddings, model_config: ModelConfig) -> jax.Ar
     return jnp.mean(rows.reshape(batch, captions, -1), axis=1)
 
 
-def teacher_similarity_rows(teacher: Teacher, variables: Any, batch: Mapping[str, Any]) -> jax.Array:
-    """[b, B] rows of S_t for this device's queries; no gradient flows into the teacher."""
+def teacher_view(teacher: Teacher, variables: Any, batch: Mapping[str, Any]) -> TeacherView:
+    """This device's view of a teacher: its [b, B] rows of S_t and its per-expert [b, D] caption
+    and video embeddings, all without gradient (the jitted step drops what no term reads)."""
     if isinstance(teacher, LiveTeacher):
         config = teacher.model.config
         embeddings = teacher.model.apply(
@@ -149,11 +151,23 @@ def teacher_similarity_rows(teacher: Teacher, variables: Any, batch: Mapping[str
             train=False,
         )
         rows = similarity_rows(embeddings, config)
+        text = {name: jnp.mean(value, axis=1) for name, value in embeddings.text.items()}
+        video = dict(embeddings.video)
     else:
         stored = batch["teacher_embeddings"][teacher.key]
+        text = {name: stored["text"][name].reshape(stored["text"][name].shape[0], -1) for name in teacher.experts}
+        video = {name: stored["video"][name] for name in teacher.experts}
         rows = None
         for name in teacher.experts:
-            query = stored["text"][name]
-            term = jnp.dot(query.reshape(query.shape[0], -1), gather_rows(stored["video"][name]).T)
+            term = jnp.dot(text[name], gather_rows(video[name]).T)
             rows = term if rows is None else rows + term
-    return jax.lax.stop_gradient(rows)
+    return jax.lax.stop_gradient(TeacherView(rows=rows, text=text, video=video))
+
+
+def teacher_embedding_dims(teacher: Teacher, train_store: FeatureStore) -> dict[str, int]:
+    """{expert: dimension of the teacher's joint embedding}: what feature-level terms compare."""
+    if isinstance(teacher, LiveTeacher):
+        config = teacher.model.config
+        return {expert.name: config.embedding_dim(expert) for expert in config.experts}
+    stored = train_store.teacher_embeddings[teacher.key]["video"]
+    return {name: int(stored[name].shape[-1]) for name in teacher.experts}

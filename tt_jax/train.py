@@ -43,9 +43,10 @@ from tt_jax.errors import UserInputError
 from tt_jax.evaluate import Evaluator
 from tt_jax.metrics import METRIC_NAMES
 from tt_jax.models import build_model, count_parameters
-from tt_jax.objective import ObjectiveOptions, make_objective
+from tt_jax.distillation.terms import check_terms_for_run, distillation_terms, initial_distillation_state
+from tt_jax.objective import ObjectiveOptions, make_epoch_update, make_objective
 from tt_jax.reporting import MetricWriter, progress
-from tt_jax.teachers import PrecomputedTeacher, live_model_config, load_teachers
+from tt_jax.teachers import PrecomputedTeacher, live_model_config, load_teachers, teacher_embedding_dims
 from tt_jax.train_state import TrainState, abstract_train_state, create_train_state
 from tt_jax.trained import (
     RESULTS_FILE,
@@ -83,7 +84,7 @@ def make_train_step(
 
     def step(state: TrainState, teacher_variables, batch):
         (total, (terms, batch_stats)), grads = jax.value_and_grad(objective, has_aux=True)(
-            state.params, state.batch_stats, teacher_variables, batch
+            state.params, state.batch_stats, teacher_variables, batch, state.step, state.distillation
         )
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         new_state = TrainState(
@@ -91,6 +92,7 @@ def make_train_step(
             params=optax.apply_updates(state.params, updates),
             batch_stats=batch_stats,
             opt_state=opt_state,
+            distillation=state.distillation,
         )
         scalars = {"loss": total, **terms, "grad_norm": optax.tree.norm(grads)}
         if learning_rate is not None:
@@ -200,6 +202,33 @@ def _check_resumable(position: sampler.SamplerPosition, state_step: int, steps_i
     )
 
 
+def _epoch_update_batch(config, val_store: FeatureStore, precomputed: list[str], text_lengths, mesh):
+    """batch(epoch): the validation batch of an epoch's update of the stateful terms (the
+    adaptive LINAS mask's M-step): the first batch of the validation split in the sampler's
+    order for that epoch, as large as the training batch where the split allows."""
+    missing = [name for name in precomputed if name not in (val_store.teacher_embeddings or {})]
+    if missing:
+        raise UserInputError(
+            f"the adaptive LINAS mask learns on a validation batch, and the validation split holds no embeddings "
+            f"of the precomputed teachers {missing}; use live teachers, or the LINAS mask 'diag' or 'full'"
+        )
+    size = min(config.train.batch_size, val_store.num_videos // mesh.size * mesh.size)
+    if size < 2:
+        raise UserInputError(f"the validation split's {val_store.num_videos} videos make no batch for the adaptive LINAS mask")
+
+    def batch(epoch: int):
+        videos, captions = sampler.process_batch_indices(
+            config.seed, epoch, 0, val_store.sampling_weights, size,
+            process_index=jax.process_index(), process_count=jax.process_count(), multiple_of=mesh.size,
+        )
+        host = val_store.batch(
+            videos, captions, text_names=list(text_lengths), max_text_tokens=text_lengths, teacher_names=precomputed
+        )
+        return parallel.global_batch_from_process_data(host, mesh)
+
+    return batch
+
+
 def _flat_metrics(prefix: str, result: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
     return {f"{prefix}/{direction}_{name}": result[direction][name] for direction in ("t2v", "v2t") for name in METRIC_NAMES}
 
@@ -240,6 +269,7 @@ def _train(
 ) -> dict:
     train_config, text_name = config.train, config.data.text_embedding
     entries = teacher_entries(config)
+    terms = distillation_terms(config)
     needs = data_needs(config, entries)
 
     # ---- data: what every model of the run reads, loaded once ---------------------------------
@@ -260,24 +290,31 @@ def _train(
     optimizer = run_optimizer(train_config, learning_rate)
     model = build_model(model_config)  # evaluation (BatchNorm in eval mode needs no devices axis)
     train_store.validate(model_config, text_name)  # the evaluators validate val and test
-    abstract = abstract_train_state(model, optimizer, replicated)
+    initial_distillation = initial_distillation_state(terms)
+    abstract = abstract_train_state(model, optimizer, replicated, initial_distillation)
 
     # ---- teachers: frozen variables placed on the mesh directly ------------------------------
     teachers, teacher_variables = load_teachers(config, entries, train_store, replicated)
     precomputed = [teacher.key for teacher in teachers if isinstance(teacher, PrecomputedTeacher)]
     text_lengths = needs.text_max_tokens  # each embedding once, at the longest length read
+    check_terms_for_run(
+        terms,
+        num_teachers=len(teachers),
+        smallest_batch=sampler.smallest_batch(train_store.num_videos, train_config.batch_size, multiple_of=mesh.size),
+        student_dims={expert.name: model_config.embedding_dim(expert) for expert in model_config.experts},
+        teacher_dims={teacher.name: teacher_embedding_dims(teacher, train_store) for teacher in teachers},
+    )
 
-    # ---- the compiled step and the evaluators ------------------------------------------------
+    # ---- the compiled step, the terms' epoch update and the evaluators -----------------------
     options = ObjectiveOptions(
-        margin=train_config.margin,
-        fix_norm=train_config.fix_norm,
-        distillation_weight=config.distillation.weight,
-        teacher_aggregation=config.distillation.aggregation,
-        distillation_distance=config.distillation.distance,
+        margin=train_config.margin, fix_norm=train_config.fix_norm, terms=terms, steps_per_epoch=steps_in_epoch
     )
     student = build_model(model_config, axis_name=parallel.DATA_AXIS)
     objective = make_objective(student, teachers, options, mesh, student_text=text_name)
     step_fn = make_train_step(objective, optimizer, learning_rate)
+    epoch_update = make_epoch_update(student, teachers, options, mesh, student_text=text_name)
+    if epoch_update is not None:
+        mask_batch = _epoch_update_batch(config, stores["val"], precomputed, text_lengths, mesh)
     evaluators = {
         split: Evaluator(
             model, stores[split], text_name, mesh=mesh, chunk_videos=train_config.eval_chunk_videos,
@@ -294,7 +331,10 @@ def _train(
     try:
         restored = checkpointer.restore_latest(abstract)
         if restored is None:
-            init = jax.jit(lambda: create_train_state(model, optimizer, jax.random.key(config.seed)), out_shardings=replicated)
+            init = jax.jit(
+                lambda: create_train_state(model, optimizer, jax.random.key(config.seed), initial_distillation),
+                out_shardings=replicated,
+            )
             state, position = init(), sampler.SamplerPosition()
         else:
             state, meta = restored
@@ -350,6 +390,11 @@ def _train(
                     every = train_config.checkpoint_every_steps
                     if every and global_step % every == 0 and position.step != 0:
                         save_latest(scalars)
+                if epoch_update is not None and position.step == 0:  # the epoch is complete
+                    distillation = epoch_update(
+                        state.params, state.batch_stats, teacher_variables, mask_batch(epoch), state.distillation
+                    )
+                    state = state.replace(distillation=distillation)
                 if (epoch + 1) % train_config.eval_every_epochs and epoch + 1 != train_config.num_epochs:
                     if preempted:
                         save_latest(scalars)

@@ -24,6 +24,7 @@ from tt_jax.checkpoint import Checkpointer
 from tt_jax.config import identity_differences, run_identity
 from tt_jax.errors import UserInputError
 from tt_jax.models import CENet, ModelConfig, as_model_config, build_model
+from tt_jax.distillation.terms import distillation_terms, initial_distillation_state
 from tt_jax.train_state import abstract_train_state
 
 CONFIG_FILE = "config.json"
@@ -118,7 +119,9 @@ def load_trained(
     model = build_model(model_config_of(config))
     if sharding is None:
         sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    abstract = abstract_train_state(model, run_optimizer(config.train, _any_schedule(config.train)), sharding)
+    optimizer = run_optimizer(config.train, _any_schedule(config.train))
+    distillation = initial_distillation_state(distillation_terms(config))
+    abstract = abstract_train_state(model, optimizer, sharding, distillation)
     with Checkpointer(workdir, identity=run_identity(config)) as checkpointer:
         restore = checkpointer.restore_best if checkpoint == "best" else checkpointer.restore_latest
         restored = restore(abstract)

@@ -49,6 +49,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.pipeline.seeds = (0,)
         config.pipeline.stages = ("student_baseline", "report")
         config.teachers = []
+        config.distillation.terms = []
     elif arg:
         raise ValueError(f"unknown argument {arg!r}")
     return config
