@@ -51,6 +51,8 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from tt_jax import objective, optim, parallel, train  # noqa: E402
+from tt_jax.distillation import METHODS, parse_terms  # noqa: E402
+from tt_jax.distillation.terms import initial_distillation_state  # noqa: E402
 from tt_jax.interop import (  # noqa: E402
     TEXT_EMBEDDING_DIMS,
     model_config_from_reference,
@@ -84,9 +86,33 @@ _SCALING_VARIANT = flags.DEFINE_enum("scaling_variant", "live", list(VARIANTS), 
 _WARMUP_STEPS = flags.DEFINE_integer("warmup_steps", 3, "Steps before timing (the first compiles).")
 _REPEATS = flags.DEFINE_integer("repeats", 7, "Timed turns per variant; steps/s is from the median.")
 _STEPS_PER_REPEAT = flags.DEFINE_integer("steps_per_repeat", 5, "Steps per timed turn.")
+_TABLES = flags.DEFINE_list("tables", ["a", "b"], "Tables to measure: a, b and (with --terms) c.")
+_TERMS = flags.DEFINE_list(
+    "terms", [], "Table (c): the distillation term variants to time (keys of TERM_VARIANTS, or 'all'); empty skips it."
+)
 _FIXTURES = flags.DEFINE_string(
     "fixtures", _DEFAULT_FIXTURES, "Folder of the reference fixtures (their effective_config)."
 )
+
+# Table (c): one distillation term each, with the 3 precomputed teachers (the cheapest teachers,
+# so that the term's own cost shows) or, for the terms of the student alone, no teachers.
+TERM_VARIANTS = {
+    "teachtext": [dict(method="teachtext")],
+    "rank_k": [dict(method="rank_k", k=10)],
+    "rank_k_listwise": [dict(method="rank_k_listwise", k=10)],
+    "pdist": [dict(method="pdist")],
+    "pdist_dist": [dict(method="pdist_dist")],
+    "relational": [dict(method="relational")],
+    "relational_text": [dict(method="relational", on="text")],
+    "rkd_angle_text": [dict(method="relational", on="text", distance_weight=0.0)],
+    "embedding_regression": [dict(method="embedding_regression")],
+    "kl_batch": [dict(method="kl_batch")],
+    "linas_feature": [dict(method="linas_feature")],
+    "linas_adapt": [dict(method="linas_relational", mask="adapt")],
+    "caption": [dict(method="caption")],
+    "video": [dict(method="video")],
+    "ttcap": [dict(method="teachtext"), dict(method="caption")],
+}
 
 # Per-expert dimension of the reference teacher files (`vid_embds` / `text_embds`): the teachers
 # are CE models with ce_shared_dim 768.
@@ -198,10 +224,13 @@ def random_batch(config: ModelConfig, batch_size: int, teacher_names: tuple[str,
         rows = rng.standard_normal(shape, dtype=np.float32)
         return rows / np.linalg.norm(rows, axis=-1, keepdims=True)
 
+    # The teachers embed like the student (768-d at the reference sizes, TEACHER_EMBEDDING_DIM), so
+    # that the feature-level terms can compare them.
+    dims = {expert.name: config.embedding_dim(expert) for expert in config.experts}
     teacher_embeddings = {
         name: {
-            "video": {e: unit_rows((batch_size, TEACHER_EMBEDDING_DIM)) for e in config.expert_names},
-            "text": {e: unit_rows((batch_size, 1, TEACHER_EMBEDDING_DIM)) for e in config.expert_names},
+            "video": {e: unit_rows((batch_size, dims[e])) for e in config.expert_names},
+            "text": {e: unit_rows((batch_size, 1, dims[e])) for e in config.expert_names},
         }
         for name in teacher_names
     }
@@ -239,8 +268,13 @@ def build_step(
     host_batch: dict,
     teacher_names: tuple[str, ...],
     mesh: jax.sharding.Mesh,
+    terms=None,
+    state=None,
 ) -> StepUnderTest:
-    """The train step of `variant` on `mesh`, with a fresh student (always the same initial values)."""
+    """The train step of `variant` on `mesh`, with a fresh student (always the same initial values).
+
+    terms: distillation term entries (default: TeachText's when there are teachers); state: a
+    train state to start from instead of a fresh one (table (c) passes one state along)."""
     if variant == "live":
         teachers = [LiveTeacher(name, build_model(config), text_name=name) for name in teacher_names]
     elif variant == "precomputed":
@@ -250,17 +284,23 @@ def build_step(
     optimizer = optim.build_optimizer(
         hyperparameters["optimizer"], hyperparameters["learning_rate"], hyperparameters["weight_decay"]
     )
+    parsed = None if terms is None else parse_terms(terms)
     objective_fn = objective.make_objective(
         build_model(config, axis_name=parallel.DATA_AXIS),
         teachers,
-        objective.ObjectiveOptions(margin=hyperparameters["margin"], fix_norm=hyperparameters["fix_norm"]),
+        objective.ObjectiveOptions(
+            margin=hyperparameters["margin"], fix_norm=hyperparameters["fix_norm"], terms=parsed
+        ),
         mesh,
         student_text="student",
     )
     replicated = parallel.replicated(mesh)
-    state = jax.jit(train.create_train_state, static_argnums=(0, 1), out_shardings=replicated)(
-        build_model(config), optimizer, jax.random.key(0)
-    )
+    distillation = parallel.put_replicated(initial_distillation_state(parsed or ()), mesh)
+    if state is None:
+        state = jax.jit(train.create_train_state, static_argnums=(0, 1), out_shardings=replicated)(
+            build_model(config), optimizer, jax.random.key(0)
+        )
+    state = state.replace(distillation=distillation)
     init_teacher = jax.jit(init_variables, static_argnums=0, out_shardings=replicated)
     teacher_variables = {
         teacher.name: init_teacher(teacher.model, jax.random.key(index + 1))
@@ -329,6 +369,35 @@ def measure_variants(size: Size, config, hyperparameters, teacher_names, timing)
     return rows
 
 
+def measure_terms(size: Size, config, hyperparameters, teacher_names, timing, names) -> list[tuple]:
+    """Table (c) rows for one size: (variant, steps/s) on one device, the student alone first.
+
+    Every variant continues the same train state (handed from one to the next, each swapping in
+    its own distillation state), so one copy of the parameters and moments serves them all."""
+    host_batch = random_batch(config, size.batch_size, teacher_names)
+    mesh = parallel.make_mesh(1)
+    steps = {"student": build_step("student", config, hyperparameters, host_batch, teacher_names, mesh, terms=[])}
+    warm_up(steps["student"], timing["warmup_steps"])
+    for name in names:
+        entries = TERM_VARIANTS[name]
+        needs_teachers = any(METHODS[entry["method"]].reads != "student" for entry in entries)
+        print(f"  {size.name}: compiling the {name} term ...", file=sys.stderr, flush=True)
+        shared = next(reversed(steps.values())).state
+        steps[name] = build_step(
+            "precomputed" if needs_teachers else "student", config, hyperparameters, host_batch, teacher_names,
+            mesh, terms=entries, state=shared,
+        )
+        warm_up(steps[name], timing["warmup_steps"])
+    order = list(steps.values())
+    with jax.transfer_guard("disallow"):
+        for _ in range(timing["repeats"]):
+            for index, under_test in enumerate(order):
+                previous = order[index - 1]
+                under_test.state = previous.state.replace(distillation=under_test.state.distillation)
+                under_test.turn_seconds.append(under_test.run(timing["steps_per_repeat"]))
+    return [(name, under_test.steps_per_second(timing["steps_per_repeat"])) for name, under_test in steps.items()]
+
+
 def measure_scaling(size: Size, config, hyperparameters, teacher_names, device_counts, timing) -> list[tuple]:
     """Table (b) rows for one size: (devices, steps/s, first-step loss), one count at a time."""
     host_batch = random_batch(config, size.batch_size, teacher_names)
@@ -368,7 +437,12 @@ def main(argv) -> None:
         timing = dict(warmup_steps=1, repeats=2, steps_per_repeat=1)
     device_counts = device_counts_to_measure()
 
-    variant_rows, scaling_rows = [], []
+    term_names = list(TERM_VARIANTS) if _TERMS.value == ["all"] else _TERMS.value
+    unknown_terms = [name for name in term_names if name not in TERM_VARIANTS]
+    if unknown_terms:
+        raise app.UsageError(f"unknown --terms {unknown_terms}; choose from {list(TERM_VARIANTS)} or 'all'")
+    tables = set(_TABLES.value) | ({"c"} if term_names else set())
+    variant_rows, scaling_rows, term_rows = [], [], []
     for name in _SIZES.value:
         size = SIZES[name]
         config, hyperparameters = load_size(size, pathlib.Path(_FIXTURES.value), _TINY.value)
@@ -379,12 +453,17 @@ def main(argv) -> None:
                 f"config {size.reference_million_parameters}M: the sizes in SIZES are wrong"
             )
         teacher_names = tuple(f"teacher_{index + 1}" for index in range(NUM_TEACHERS))
-        for variant, steps_per_s, compile_s in measure_variants(size, config, hyperparameters, teacher_names, timing):
-            variant_rows.append((size, millions, variant, steps_per_s, compile_s))
-        for num_devices, steps_per_s, loss in measure_scaling(
-            size, config, hyperparameters, teacher_names, device_counts, timing
-        ):
-            scaling_rows.append((size, num_devices, steps_per_s, loss))
+        if "a" in tables:
+            for variant, steps_per_s, compile_s in measure_variants(size, config, hyperparameters, teacher_names, timing):
+                variant_rows.append((size, millions, variant, steps_per_s, compile_s))
+        if "b" in tables:
+            for num_devices, steps_per_s, loss in measure_scaling(
+                size, config, hyperparameters, teacher_names, device_counts, timing
+            ):
+                scaling_rows.append((size, num_devices, steps_per_s, loss))
+        if "c" in tables:
+            for variant, steps_per_s in measure_terms(size, config, hyperparameters, teacher_names, timing, term_names):
+                term_rows.append((size, variant, steps_per_s))
 
     device = jax.devices()[0]
     print(
@@ -393,6 +472,10 @@ def main(argv) -> None:
         f"timing: {timing['warmup_steps']} warm-up steps, median of {timing['repeats']} turns "
         f"of {timing['steps_per_repeat']} steps\n"
     )
+    if term_rows:
+        print_term_table(term_rows)
+    if not variant_rows:
+        return
     header = f"{'size':<12} {'params':>8} {'batch':>5}  {'variant':<33} {'compile s':>9} {'steps/s':>8} {'x student':>9}"
     print("(a) one device")
     print(header)
@@ -427,6 +510,26 @@ def main(argv) -> None:
         "speed-up: steps/s over the 1-device steps/s. loss: the first step's (same initial state and"
         " batch on every count);\nits rel. diff to the 1-device loss should be float32 rounding"
         " (<~1e-6). Fake CPU devices share the same cores."
+    )
+
+
+def print_term_table(term_rows) -> None:
+    header = f"{'size':<12} {'batch':>5}  {'term':<22} {'teachers':<12} {'steps/s':>8} {'x student':>9}"
+    print("(c) one device, one distillation term each")
+    print(header)
+    print("-" * len(header))
+    student = {}
+    for size, variant, steps_per_s in term_rows:
+        student.setdefault(size.name, steps_per_s)  # the student alone comes first
+        entries = TERM_VARIANTS.get(variant, [])
+        teachers = "3 precomp." if any(METHODS[e["method"]].reads != "student" for e in entries) else "none"
+        print(
+            f"{size.name:<12} {size.batch_size:>5}  {variant:<22} {teachers:<12} {steps_per_s:>8.2f} "
+            f"{student[size.name] / steps_per_s:>8.2f}x"
+        )
+    print(
+        "x student: step time over the student-only step time, all measured in turns in this run"
+        " (the teachtext row is the cost of 3 precomputed teachers plus TeachText's Huber).\n"
     )
 
 

@@ -11,6 +11,7 @@ from tt_jax.reference_recipes import DatasetSettings, release_config
 
 SETTINGS = DatasetSettings(
     dataset="activitynet",
+    caption_temperature=10.0,  # CrossKD configs_crosskd/activity-net cap_t
     batch_size=32,  # data_loader_activity-net.json batch_size
     num_epochs=150,  # data_loader_activity-net.json trainer.epochs
     margin=0.060496613740311816,  # data_loader_activity-net.json loss.args.margin

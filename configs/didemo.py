@@ -11,6 +11,7 @@ from tt_jax.reference_recipes import DatasetSettings, release_config
 
 SETTINGS = DatasetSettings(
     dataset="didemo",
+    caption_temperature=8.0,  # CrossKD configs_crosskd/didemo cap_t (8 in one config, 7 in another)
     batch_size=64,  # data_loader_didemo.json batch_size
     num_epochs=30,  # data_loader_didemo.json trainer.epochs
     margin=0.16642835966287484,  # data_loader_didemo.json loss.args.margin

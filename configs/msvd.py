@@ -11,6 +11,7 @@ from tt_jax.reference_recipes import DatasetSettings, release_config
 
 SETTINGS = DatasetSettings(
     dataset="msvd",
+    caption_temperature=2.0,  # CrossKD configs_crosskd/msvd cap_t (2 in one config, 4 in another)
     batch_size=16,  # data_loader_msvd.json batch_size
     num_epochs=300,  # data_loader_msvd.json trainer.epochs
     margin=0.30764700456522676,  # data_loader_msvd.json loss.args.margin

@@ -11,6 +11,7 @@ from test_train import tiny_config
 from tt_jax import config as config_module
 from tt_jax.config import RESTARTABLE_KEYS, ConfigError, check_config, identity_differences, run_identity
 from tt_jax.data.sources import release_request
+from tt_jax.distillation import DistillationConfigError, distillation_terms
 from tt_jax.teachers import model_text
 from tt_jax.models import as_model_config
 from tt_jax.train import data_needs, run_stores
@@ -156,7 +157,7 @@ def test_repeated_teacher_names_are_refused():
         check_config(config)
 
 
-@pytest.mark.parametrize("old_key", ["distillation.teachers", "distillation.precomputed_teachers", "data.teachers", "data.text_embeddings"])
+@pytest.mark.parametrize("old_key", ["distillation.teachers", "distillation.precomputed_teachers", "data.teachers", "data.text_embeddings", "distillation.weight", "distillation.distance"])
 def test_keys_of_the_old_layout_say_what_replaced_them(old_key):
     config = tiny_config()
     group, key = old_key.split(".")
@@ -194,3 +195,37 @@ def test_each_model_is_fed_its_own_token_count_from_the_longest_loaded():
     five = store.batch(videos, captions, text_names=["poor"], max_text_tokens=5)["text"]["poor"]
     np.testing.assert_array_equal(np.asarray(model_text(batch, "poor", student)), five)
     assert batch["text"]["poor"].shape[2] == 9
+
+
+@pytest.mark.parametrize(
+    "terms, message",
+    [
+        ([dict(method="hubr")], r"method is 'hubr'; choose one of \[.*'teachtext'"),
+        ([dict(method="teachtext", temprature=1.0)], r"unknown settings \['temprature'\]; teachtext takes \['aggregation', 'delta', 'distance'\]"),
+        ([dict(method="kl_batch", temperature=0.0)], r"temperature must be greater than 0, got 0.0 \(a temperature divides"),
+        ([dict(method="caption", temperature=-1)], r"temperature must be greater than 0"),
+        ([dict(method="teachtext", distance="kl")], r"distance is 'kl'; choose one of \['huber', 'l1', 'l2'\]"),
+        ([dict(method="rank_k", k=0)], r"k must be a whole number of at least 1, got 0"),
+        ([dict(method="teachtext", weight=-1.0)], r"weight must be 0 or more"),
+        ([dict(method="teachtext", schedule=dict(kind="cosine"))], r"schedule: kind 'cosine' is not one of \['none', 'exp'"),
+        ([dict(method="teachtext", schedule=dict(kind="exp", every="epoch"))], r"schedule has unknown keys \['every'\]"),
+        ([dict(method="teachtext", schedule=dict(kind="exp", unit="batch"))], r"unit 'batch' is not one of \['epoch', 'step'\]"),
+        ([dict(method="teachtext"), dict(method="teachtext", delta=0.5)], r"names must be unique; \['teachtext'\]"),
+        (["teachtext"], r"terms\[0\] must be a dict with a 'method'"),
+        ([dict(method="caption", detach_target="yes")], r"detach_target must be true or false"),
+    ],
+)
+def test_a_bad_distillation_term_names_what_is_valid(terms, message):
+    config = tiny_config()
+    with config.unlocked():
+        config.distillation.terms = terms
+    with pytest.raises(DistillationConfigError, match=message):
+        check_config(config)
+
+
+def test_two_terms_of_one_method_with_their_own_names_are_one_config():
+    config = tiny_config()
+    with config.unlocked():
+        config.distillation.terms = [dict(method="teachtext"), dict(method="teachtext", name="teachtext_sharp", delta=0.1)]
+    terms = distillation_terms(check_config(config))
+    assert [(term.name, term.settings["delta"]) for term in terms] == [("teachtext", 1.0), ("teachtext_sharp", 0.1)]

@@ -8,6 +8,12 @@ import numpy as np
 import pytest
 
 from tt_jax import losses
+from tt_jax.distillation import aggregate, teachtext_loss
+
+
+def distillation_loss(student, teacher, *, distance="huber"):
+    """TeachText's distillation towards one teacher matrix."""
+    return teachtext_loss(student, jnp.asarray(teacher)[None], kind=distance)
 
 
 def numpy_ranking_loss(sims, margin, fix_norm=True):
@@ -44,24 +50,25 @@ def test_huber_distillation_has_both_branches():
     teacher = jnp.zeros((2, 2))
     # |d| < 1: 0.5 d^2 ; otherwise |d| - 0.5 (torch SmoothL1Loss, beta = 1)
     expected = np.mean([0.0, 0.125, 1.5, 1.0])
-    assert float(losses.distillation_loss(student, teacher)) == pytest.approx(expected)
-    assert float(losses.distillation_loss(student, teacher, distance="l1")) == pytest.approx(np.mean([0, 0.5, 2, 1.5]))
-    assert float(losses.distillation_loss(student, teacher, distance="l2")) == pytest.approx(np.mean([0, 0.25, 4, 2.25]))
+    assert float(distillation_loss(student, teacher)) == pytest.approx(expected)
+    assert float(distillation_loss(student, teacher, distance="l1")) == pytest.approx(np.mean([0, 0.5, 2, 1.5]))
+    # l2 is the Huber loss's quadratic part, 0.5 d^2 (spec 2.4 item 2)
+    assert float(distillation_loss(student, teacher, distance="l2")) == pytest.approx(np.mean([0, 0.125, 2, 1.125]))
 
 
 def test_distillation_sends_no_gradient_to_the_teacher():
     student = jnp.array([[0.2, 0.1], [0.3, 0.4]])
     teacher = jnp.array([[1.0, 0.0], [0.0, 1.0]])
-    teacher_gradient = jax.grad(lambda t: losses.distillation_loss(student, t))(teacher)
+    teacher_gradient = jax.grad(lambda t: distillation_loss(student, t))(teacher)
     np.testing.assert_array_equal(teacher_gradient, 0.0)
-    student_gradient = jax.grad(lambda s: losses.distillation_loss(s, teacher))(student)
+    student_gradient = jax.grad(lambda s: distillation_loss(s, teacher))(student)
     np.testing.assert_allclose(student_gradient, (student - teacher) / 4, rtol=1e-6)
 
 
 @pytest.mark.parametrize("aggregation,reduce", [("mean", np.mean), ("min", np.min), ("max", np.max)])
 def test_teacher_aggregation(aggregation, reduce):
     stack = np.random.default_rng(1).normal(size=(3, 4, 4)).astype(np.float32)
-    np.testing.assert_allclose(losses.aggregate_teachers(jnp.asarray(stack), aggregation), reduce(stack, axis=0), rtol=1e-6)
+    np.testing.assert_allclose(aggregate(jnp.asarray(stack), aggregation), reduce(stack, axis=0), rtol=1e-6)
 
 
 def test_teacher_similarity_is_plain_sum_over_experts():
@@ -77,7 +84,7 @@ def test_teachtext_loss_adds_weighted_distillation():
     student = jnp.asarray(rng.uniform(-1, 1, (4, 4)).astype(np.float32))
     teachers = jnp.asarray(rng.uniform(-1, 1, (2, 4, 4)).astype(np.float32))
     terms = losses.teachtext_loss(student, teachers, margin=0.1, distillation_weight=2.5)
-    expected_distillation = losses.distillation_loss(student, teachers.mean(0))
+    expected_distillation = distillation_loss(student, teachers.mean(0))
     assert float(terms["distillation"]) == pytest.approx(float(expected_distillation), rel=1e-6)
     assert float(terms["total"]) == pytest.approx(float(terms["ranking"]) + 2.5 * float(expected_distillation), rel=1e-6)
     without = losses.teachtext_loss(student, None, margin=0.1)
@@ -90,8 +97,8 @@ def test_bad_loss_inputs_are_named():
     with pytest.raises(ValueError, match="at least 2 videos"):
         losses.max_margin_ranking_loss(jnp.zeros((1, 1)), 0.1)
     with pytest.raises(ValueError, match="unknown teacher aggregation 'median'"):
-        losses.aggregate_teachers(jnp.zeros((2, 3, 3)), "median")
-    with pytest.raises(ValueError, match="unknown distillation distance"):
-        losses.distillation_loss(jnp.zeros((2, 2)), jnp.zeros((2, 2)), distance="kl")
-    with pytest.raises(ValueError, match="same shape"):
-        losses.distillation_loss(jnp.zeros((2, 2)), jnp.zeros((3, 3)))
+        aggregate(jnp.zeros((2, 3, 3)), "median")
+    with pytest.raises(ValueError, match="unknown distance 'kl'"):
+        distillation_loss(jnp.zeros((2, 2)), jnp.zeros((2, 2)), distance="kl")
+    with pytest.raises(ValueError, match=r"stack of the student's \(2, 2\) matrix"):
+        distillation_loss(jnp.zeros((2, 2)), jnp.zeros((3, 3)))

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from test_train import REPO, TINY, read_jsonl, tiny_config
-from tt_jax import interop, pipeline
+from tt_jax import interop, pipeline, train
 from tt_jax.config import ConfigError
 from tt_jax.errors import UserInputError
 from tt_jax.trained import RunDirectoryError, load_trained, read_results, read_run_config
@@ -152,3 +152,87 @@ def test_the_command_line_runs_a_stage_and_prints_the_report(tmp_path):
     assert "| student_baseline |" in done.stdout
     assert json.loads((tmp_path / "report.json").read_text())["models"].keys() == {"student_baseline"}
     assert read_results(tmp_path / "student_baseline" / "seed_3")["num_epochs"] == 1  # the shortcuts took effect
+
+
+def distilled_config(workdir, terms):
+    """The tiny student distilled from the recipe's finished teacher with `terms`."""
+    config = tiny_config()
+    with config.unlocked():
+        config.teachers = [dict(name="teacher_rich", source="run", text_embedding="rich",
+                                path=str(workdir / "teachers" / "teacher_rich"))]
+        config.distillation.terms = terms
+        config.train.log_every_steps = 1
+    return config
+
+
+def test_a_run_logs_each_term_its_schedule_and_the_mask_it_learns(recipe, tmp_path):
+    """Every term's value, a scheduled weight and the adaptive mask are in metrics.jsonl, and the
+    logged loss is the ranking loss plus each weight times its term."""
+    workdir, _ = recipe
+    terms = [
+        dict(method="teachtext"),
+        dict(method="caption"),
+        dict(method="kl_batch", schedule=dict(kind="exp", k=0.5)),
+        dict(method="linas_relational", mask="adapt", mask_learning_rate=0.1, mask_steps=5),
+    ]
+    config = distilled_config(workdir, terms)
+    train.train_and_evaluate(config, tmp_path / "run")
+    rows = [row for row in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "loss" in row]
+    steps_per_epoch, batch = 4, config.train.batch_size
+    assert [row["step"] for row in rows] == list(range(1, 3 * steps_per_epoch + 1))
+    for row in rows:
+        epoch = (row["step"] - 1) // steps_per_epoch  # the weight of the step that produced the row
+        assert row["distill_weight/kl_batch"] == pytest.approx(0.1 * 0.5**epoch)
+        weighted = row["distill/teachtext"] + row["distill/caption"] + row["distill/linas_relational"]
+        weighted += row["distill_weight/kl_batch"] * row["distill/kl_batch"]
+        assert row["loss"] == pytest.approx(row["ranking_loss"] + weighted, rel=1e-5)
+        assert row["distillation_loss"] == pytest.approx(weighted, rel=1e-5)
+        assert all(row[f"distill/{name}"] > 0 for name in ("teachtext", "caption", "kl_batch", "linas_relational"))
+    masks = {(row["step"] - 1) // steps_per_epoch: row["distill_mask/linas_relational"] for row in rows}
+    assert masks[0] == pytest.approx(1 / batch)  # p1 = p2: the full sum until the first M-step
+    assert masks[1] != pytest.approx(1 / batch) and masks[2] != pytest.approx(masks[1])
+
+
+def test_the_released_mask_that_is_never_rebuilt_stays_uniform(recipe, tmp_path):
+    workdir, _ = recipe
+    terms = [dict(method="linas_relational", mask="adapt", rebuild_mask=False, mask_learning_rate=0.1)]
+    config = distilled_config(workdir, terms)
+    with config.unlocked():
+        config.train.num_epochs = 2
+    train.train_and_evaluate(config, tmp_path / "run")
+    rows = [row for row in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "loss" in row]
+    assert [row["distill_mask/linas_relational"] for row in rows] == pytest.approx([1 / config.train.batch_size] * len(rows))
+
+
+@pytest.mark.parametrize(
+    "terms, with_teachers, message",
+    [
+        ([dict(method="rank_k", k=40)], True, r"k = 40, more than the 16 videos of the run's smallest batch"),
+        ([dict(method="teachtext")], False, r"\['teachtext'\] distil from teachers, and config.teachers is empty"),
+        ([dict(method="caption")], True, r"lists 1 teachers but no term of config.distillation.terms reads them"),
+    ],
+)
+def test_a_term_the_run_cannot_feed_stops_before_training(recipe, tmp_path, terms, with_teachers, message):
+    workdir, _ = recipe
+    config = distilled_config(workdir, terms)
+    if not with_teachers:
+        with config.unlocked():
+            config.teachers = []
+    with pytest.raises(UserInputError, match=message):
+        train.train_and_evaluate(config, tmp_path / "run")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_embedding_regression_across_mismatched_dimensions_is_refused():
+    """Which expert, which dimensions, and what to do instead."""
+    from tt_jax.distillation.terms import check_terms_for_run, parse_terms
+
+    terms = parse_terms([dict(method="embedding_regression")])
+    with pytest.raises(UserInputError, match=r"differ in scene: student 8, teacher 16; give the teacher the student's"):
+        check_terms_for_run(terms, num_teachers=1, smallest_batch=16, student_dims={"audio": 8, "scene": 8},
+                            teacher_dims={"wide": {"audio": 8, "scene": 16}})
+    with pytest.raises(UserInputError, match=r"audio: student 8, teacher absent"):
+        check_terms_for_run(terms, num_teachers=1, smallest_batch=16, student_dims={"audio": 8},
+                            teacher_dims={"video_only": {"scene": 8}})
+    check_terms_for_run(terms, num_teachers=1, smallest_batch=16, student_dims={"audio": 8},
+                        teacher_dims={"same": {"audio": 8, "scene": 16}})  # extra teacher experts are fine

@@ -1,9 +1,10 @@
-"""Training losses: the max-margin ranking loss and the TeachText distillation loss.
+"""The retrieval loss: CE's max-margin ranking loss, whole and as a device's row share.
 
 All functions are pure and take similarity matrices S with S[i, j] = sim(caption i, video j) and
 the positives on the diagonal. References: `model/loss.py::MaxMarginRankingLoss` and
 `trainer/trainer.py::_train_epoch` of albanie/collaborative-experts; TeachText (Croitoru et al.,
-ICCV 2021), Eq. 2-4.
+ICCV 2021), Eq. 2-4. The distillation terms are in `tt_jax.distillation`; `teachtext_loss` here
+is the whole TeachText objective on one matrix, the oracle of the sharded step.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ from typing import Mapping, Sequence
 import jax
 import jax.numpy as jnp
 
-TEACHER_AGGREGATIONS = ("mean", "min", "max")
-DISTILLATION_DISTANCES = ("huber", "l1", "l2")
+from tt_jax.distillation import teachtext as distillation_terms
+from tt_jax.distillation.view import aggregate
+
 
 
 def _check_square(similarity: jax.Array, name: str) -> None:
@@ -87,60 +89,6 @@ def teacher_similarity_from_embeddings(
     return total
 
 
-def aggregate_teachers(teacher_similarities: jax.Array, aggregation: str = "mean") -> jax.Array:
-    """Phi over a [T, B, B] stack of teacher matrices: elementwise mean (TeachText), min or max."""
-    if teacher_similarities.ndim != 3:
-        raise ValueError(f"expected [teachers, B, B] teacher similarities, got shape {teacher_similarities.shape}")
-    if aggregation == "mean":
-        return jnp.sum(teacher_similarities, axis=0) / teacher_similarities.shape[0]
-    if aggregation == "min":
-        return jnp.min(teacher_similarities, axis=0)
-    if aggregation == "max":
-        return jnp.max(teacher_similarities, axis=0)
-    raise ValueError(f"unknown teacher aggregation {aggregation!r}; choose one of {TEACHER_AGGREGATIONS}")
-
-
-def distillation_per_entry(
-    student_similarity: jax.Array,
-    teacher_similarity: jax.Array,
-    *,
-    distance: str = "huber",
-    delta: float = 1.0,
-) -> jax.Array:
-    """Elementwise distance between the student and the teacher target (no gradient into it).
-
-    "huber" (default; torch SmoothL1Loss with beta = delta = 1): 0.5 d^2 where |d| < delta,
-    delta (|d| - 0.5 delta) elsewhere. "l1": |d|. "l2": d^2.
-    """
-    if student_similarity.shape != teacher_similarity.shape:
-        raise ValueError(
-            f"student similarity {student_similarity.shape} and teacher target "
-            f"{teacher_similarity.shape} must have the same shape"
-        )
-    difference = student_similarity - jax.lax.stop_gradient(teacher_similarity)
-    if distance == "huber":
-        magnitude = jnp.abs(difference)
-        return jnp.where(magnitude < delta, 0.5 * difference * difference, delta * (magnitude - 0.5 * delta))
-    if distance == "l1":
-        return jnp.abs(difference)
-    if distance == "l2":
-        return difference * difference
-    raise ValueError(f"unknown distillation distance {distance!r}; choose one of {DISTILLATION_DISTANCES}")
-
-
-def distillation_loss(
-    student_similarity: jax.Array,
-    teacher_similarity: jax.Array,
-    *,
-    distance: str = "huber",
-    delta: float = 1.0,
-) -> jax.Array:
-    """Mean over all B^2 entries of `distillation_per_entry` (the reference normalises by B^2)."""
-    return jnp.mean(
-        distillation_per_entry(student_similarity, teacher_similarity, distance=distance, delta=delta)
-    )
-
-
 def teachtext_loss(
     student_similarity: jax.Array,
     teacher_similarities: jax.Array | None,
@@ -159,8 +107,10 @@ def teachtext_loss(
     ranking = max_margin_ranking_loss(student_similarity, margin, fix_norm=fix_norm)
     if teacher_similarities is None:
         return {"total": ranking, "ranking": ranking, "distillation": jnp.zeros_like(ranking)}
-    target = aggregate_teachers(teacher_similarities, aggregation)
-    distillation = distillation_loss(student_similarity, target, distance=distance)
+    target = aggregate(teacher_similarities, aggregation)
+    distillation = distillation_terms.teachtext_loss(
+        student_similarity, teacher_similarities, aggregation=aggregation, kind=distance
+    )
     return {
         "total": ranking + distillation_weight * distillation,
         "ranking": ranking,

@@ -133,6 +133,9 @@ def make_objective(
                 scalars[f"distill/{term.name}"] = value
                 if term.scheduled:
                     scalars[f"distill_weight/{term.name}"] = weight
+                if term.has_state:  # the adaptive mask's weight on the positives, as the step used it
+                    parameters = linas.effective_parameters(distillation_state[term.name], term.settings["rebuild_mask"])
+                    scalars[f"distill_mask/{term.name}"] = linas.positive_weight(parameters, global_batch)
                 distillation = distillation + weight * value
             scalars["distillation_loss"] = distillation
             total = total + distillation

@@ -4,9 +4,11 @@ A dataset config (`configs/<dataset>.py`) states that dataset's numbers (`Datase
 with its source) and calls `release_config(settings, arg)`, where `arg` is the part after the
 colon of `--config configs/<dataset>.py:<arg>`: comma-separated words choosing
 
-    the model      tt_ce_plus (default) | tt_ce | ce_plus | ce | moee
+    the model      tt_ce_plus (default) | tt_ce | ce_plus | ce | moee | cecap | ttcap
     the teachers   live (default: trained by the recipe, run inside the student's step) |
-                   precomputed (the release's teacher files, as the reference)
+                   precomputed (the release's teacher files, as the reference) |
+                   self (self-learning: one teacher, the student's own architecture and text,
+                   trained first by the recipe; TeachText Fig. 10a)
     denoising      less100 | less80 (caption masks; less80 also swaps the training list)
     the split      any of the dataset's split choices (MSRVTT: full, jsfusion, miech)
 
@@ -18,6 +20,9 @@ Variants (`teachtext_ce_spec.md` section 6; configs/<ds>/*.json of the reference
               w2v, gpt2-xl and gpt2-xl-finetune. The release's teachers use the refined experts;
               live teachers use the student's (the same set for tt_ce_plus), so that one copy of
               the features serves every model of the recipe.
+  cecap       CE+ with caption distillation ("From Within to Between": the student's own
+              caption-caption similarities as targets, no teachers), temperature cap_t per dataset;
+  ttcap       TeachText-CE+ plus the same caption distillation (CrossKD configs_crosskd/).
 """
 
 from __future__ import annotations
@@ -31,8 +36,8 @@ from tt_jax.config import default_config
 from tt_jax.data.release_layout import DATASETS, DENOISING, TEACHER_FILES
 from tt_jax.interop.reference_config import TEXT_EMBEDDING_DIMS, VLAD_EXPERT_TOKEN_DIMS
 
-MODELS = ("tt_ce_plus", "tt_ce", "ce_plus", "ce", "moee")
-TEACHER_SOURCES = ("live", "precomputed")
+MODELS = ("tt_ce_plus", "tt_ce", "ce_plus", "ce", "moee", "cecap", "ttcap")
+TEACHER_SOURCES = ("live", "precomputed", "self")
 
 # Input dims of the fixed experts: feat_aggregation feat_dims["embed"] in base_config.json.
 FIXED_EXPERT_DIMS = {
@@ -94,6 +99,9 @@ class DatasetSettings:
     # max_tokens, include_self.
     moee_changes: Mapping[str, object] = dataclasses.field(default_factory=dict)
     expert_files: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    # cap_t of tqvinhcs/CrossKD configs_crosskd/<dataset>: MSRVTT 5, ActivityNet 10, DiDeMo 8, MSVD 2;
+    # the datasets CrossKD has no config for keep MSRVTT's.
+    caption_temperature: float = 5.0
 
 
 def _expert(name: str, settings: DatasetSettings, vlad_clusters, max_tokens) -> dict:
@@ -134,8 +142,9 @@ def release_config(settings: DatasetSettings, arg: Optional[str] = None) -> ml_c
     """The experiment config of `settings`' dataset for the variant `arg` (see module docstring)."""
     choice = _parse(arg, settings)
     model_name = choice["model"]
-    plus = model_name in ("tt_ce_plus", "ce_plus")
-    distilled = model_name.startswith("tt_")
+    plus = model_name in ("tt_ce_plus", "ce_plus", "cecap", "ttcap")
+    with_teachers = model_name.startswith("tt")
+    with_captions = model_name in ("cecap", "ttcap")
     numbers = dict(
         margin=settings.margin,
         text_vlad_clusters=settings.text_vlad_clusters,
@@ -180,7 +189,12 @@ def release_config(settings: DatasetSettings, arg: Optional[str] = None) -> ml_c
     config.train.margin = numbers["margin"]
     config.train.lr_decay_gamma = 0.95  # base_config.json StepLR(step_size=1, gamma=0.95)
 
-    if distilled:
+    terms = []
+    if with_teachers and choice["teachers"] == "self":
+        # Self-learning: the teacher is the student's own model on its own inputs, trained first.
+        config.teachers = [dict(name="teacher_self", source="recipe", text_embedding=text_name)]
+        terms.append(dict(method="teachtext"))
+    elif with_teachers:
         # The teachers, one per text embedding: with "live", CE models of the student's experts
         # (for tt_ce_plus the refined ones, as the release's teachers) trained by the recipe
         # (pipeline stage "teachers"); with "precomputed", the release's teacher files.
@@ -190,6 +204,10 @@ def release_config(settings: DatasetSettings, arg: Optional[str] = None) -> ml_c
             | ({"model_changes": dict(text_dim=TEXT_EMBEDDING_DIMS[embedding])} if source == "recipe" else {})
             for embedding in TEACHER_FILES
         ]
-    if not distilled:
+        terms.append(dict(method="teachtext"))
+    if with_captions:
+        terms.append(dict(method="caption", temperature=settings.caption_temperature))
+    config.distillation.terms = terms
+    if not terms:
         config.pipeline.stages = ("student_baseline", "report")
     return config

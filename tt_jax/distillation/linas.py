@@ -43,6 +43,17 @@ def adaptive_weights(parameters: jax.Array, rows: int, videos: int, first_row=0)
     return jax.nn.softmax(jnp.where(positive, parameters[0], parameters[1]), axis=1)
 
 
+def positive_weight(parameters: jax.Array, videos: int) -> jax.Array:
+    """W's weight on each caption's own video, e^p1 / (e^p1 + (B - 1) e^p2) (1/B at the start)."""
+    return adaptive_weights(parameters, 1, videos)[0, 0]
+
+
+def effective_parameters(state, rebuild_mask: bool) -> jax.Array:
+    """The (p1, p2) the student's steps weight with: the learnt ones, or with the released code's
+    mask that is never rebuilt, the initial ones."""
+    return state["parameters"] if rebuild_mask else jnp.asarray(INITIAL_MASK_PARAMETERS, jnp.float32)
+
+
 def _huber_rows(student, teachers, aggregation, delta):
     target = jax.lax.stop_gradient(aggregate(teachers, aggregation))
     return distance(student - target, "huber", delta), target
@@ -95,7 +106,7 @@ def linas_relational_share(view, state=None, *, mask="diag", aggregation="mean",
         return jnp.sum(jnp.where(positive, per_entry, 0.0))
     if mask == "full":
         return jnp.sum(per_entry)
-    parameters = state["parameters"] if rebuild_mask else jnp.asarray(INITIAL_MASK_PARAMETERS)
+    parameters = effective_parameters(state, rebuild_mask)
     return batch * jnp.sum(adaptive_weights(parameters, rows, batch, first_row) * per_entry)
 
 

@@ -29,11 +29,20 @@ def _target(teacher_similarities, aggregation):
     return jax.lax.stop_gradient(aggregate(teacher_similarities, aggregation))
 
 
+def _check_shapes(student, teachers):
+    if jnp.ndim(teachers) != 3 or jnp.shape(teachers)[1:] != jnp.shape(student):
+        raise ValueError(
+            f"teacher similarities must be a [teachers, B, B'] stack of the student's {jnp.shape(student)} "
+            f"matrix, got shape {jnp.shape(teachers)}"
+        )
+
+
 # -- whole arrays (the oracles, and for notebooks) -------------------------------------------------
 
 
 def teachtext_loss(student, teachers, *, aggregation="mean", kind="huber", delta=1.0):
     """Mean over all entries of distance(S - Phi(S_t)) (diagonal included, as the reference)."""
+    _check_shapes(student, teachers)
     return jnp.mean(distance(student - _target(teachers, aggregation), kind, delta))
 
 
