@@ -19,7 +19,9 @@ TEXT_EMBEDDINGS = TEACHTEXT_TEXT_EMBEDDINGS
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    """arg "quick": one seed and ten epochs, to check a setup in a minute."""
+    """arg: comma-separated words: "quick" (one seed and ten epochs, to check a setup in a minute);
+    "ttcap" (TeachText plus caption distillation), "cecap" (caption distillation alone, no
+    teachers) or "self" (self-learning: one teacher, the student's own model and text)."""
     config = default_config()
     config.model = ml_collections.ConfigDict(
         dict(
@@ -60,9 +62,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         for name, spec in TEXT_EMBEDDINGS.items()
     ]
     config.pipeline.seeds = (0, 1, 2)
-    if arg == "quick":
-        config.pipeline.seeds = (0,)
-        config.train.num_epochs = 10
-    elif arg:
-        raise ValueError(f"configs/demo.py takes no argument or 'quick', got {arg!r}")
+    for word in [w.strip() for w in (arg or "").split(",") if w.strip()]:
+        if word == "quick":
+            config.pipeline.seeds = (0,)
+            config.train.num_epochs = 10
+        elif word == "ttcap":
+            config.distillation.terms = [dict(method="teachtext"), dict(method="caption")]
+        elif word == "cecap":
+            config.teachers = []
+            config.distillation.terms = [dict(method="caption")]
+        elif word == "self":
+            config.teachers = [entry for entry in config.teachers if entry["text_embedding"] == "w2v"]
+        else:
+            raise ValueError(f"configs/demo.py takes quick, ttcap, cecap and self (comma-separated), got {word!r}")
     return config

@@ -229,3 +229,25 @@ def test_two_terms_of_one_method_with_their_own_names_are_one_config():
         config.distillation.terms = [dict(method="teachtext"), dict(method="teachtext", name="teachtext_sharp", delta=0.1)]
     terms = distillation_terms(check_config(config))
     assert [(term.name, term.settings["delta"]) for term in terms] == [("teachtext", 1.0), ("teachtext_sharp", 0.1)]
+
+
+def test_a_run_saved_before_the_terms_existed_is_the_same_run():
+    """Identities and config.json files written with the single distillation's settings (weight,
+    aggregation, distance) still describe their run: finished teachers stay usable."""
+    base = distilled_config()
+    old = {"distillation.weight": 1.0, "distillation.aggregation": "mean", "distillation.distance": "huber"}
+    saved = {key: value for key, value in run_identity(base).items() if not key.startswith("distillation.")}
+    assert identity_differences({**saved, **old}, run_identity(base)) == ""
+    old_l2 = {**old, "distillation.distance": "l2", "distillation.weight": 1.5}  # x^2 then, 0.5 x^2 now
+    now_l2 = with_value(base, "distillation.terms", [dict(method="teachtext", distance="l2", weight=3.0)])
+    assert identity_differences({**saved, **old_l2}, run_identity(now_l2)) == ""
+    assert identity_differences({**saved, **old}, run_identity(now_l2)) != ""
+
+    baseline = with_value(check_config(tiny_config("baseline")), "distillation.terms", [])
+    without_terms = {key: value for key, value in run_identity(baseline).items() if not key.startswith("distillation.")}
+    assert identity_differences(without_terms, run_identity(baseline)) == ""  # no teachers: no distillation keys then
+
+    legacy_config = ml_collections.ConfigDict(base.to_dict())
+    with legacy_config.unlocked():
+        legacy_config.distillation = ml_collections.ConfigDict({"weight": 1.0, "aggregation": "mean", "distance": "huber"})
+    assert run_identity(legacy_config) == run_identity(base)

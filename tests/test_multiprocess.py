@@ -96,6 +96,7 @@ def assert_within_one_query(together: dict, alone: dict, num_queries: int, where
         assert abs(together[name] - value) <= tolerance + 1e-9, (where, name, together[name], value)
 
 
+@pytest.mark.slow  # 80 s: the step-level two-process test stays in the default suite
 def test_two_processes_run_the_recipe_as_one_process_does(tmp_path):
     """Teacher and distilled student trained by 2 processes x 2 devices (every process saving and
     restoring the Orbax checkpoints, reading the teacher back, evaluating) end as with 1 x 4."""

@@ -376,12 +376,17 @@ def test_every_dataset_config_builds_each_variant_with_the_reference_sizes(datas
         config = check_config(dataset_config(dataset, arg))
         model = as_model_config(config.model)
         assert config.data.dataset == dataset and config.data.source == "release"
-        plus = arg.endswith("ce_plus")
+        plus = arg.endswith("ce_plus") or arg.endswith("cap")
         assert config.data.text_embedding == ("gpt2-xl-finetune" if plus else reference_recipes_text(dataset))
         assert model.text_dim == {"gpt2-xl-finetune": 1600, "openai": 768, "w2v": 300}[config.data.text_embedding]
         assert model.collaborative_gating == (arg != "moee")
         assert (config.train.optimizer == "radam") == plus
-        assert bool(config.teachers) == arg.startswith("tt_")
+        assert bool(config.teachers) == arg.startswith("tt")
+        methods = [term["method"] for term in config.distillation.terms]
+        assert methods == ["teachtext"] * arg.startswith("tt") + ["caption"] * arg.endswith("cap")
+        if arg.endswith("cap"):  # CrossKD's cap_t of the dataset
+            expected = {"msrvtt": 5.0, "activitynet": 10.0, "didemo": 8.0, "msvd": 2.0}.get(dataset, 5.0)
+            assert config.distillation.terms[-1]["temperature"] == expected
         for teacher in config.teachers:
             assert teacher["source"] == "recipe"  # live teachers by default
             assert teacher["model_changes"]["text_dim"] == {"w2v": 300, "gpt2-xl": 1600, "gpt2-xl-finetune": 1600}[teacher["text_embedding"]]
@@ -389,6 +394,8 @@ def test_every_dataset_config_builds_each_variant_with_the_reference_sizes(datas
             assert expert.flaky == (expert.name in ("audio", "speech", "ocr", "face"))
     default = check_config(dataset_config(dataset))
     assert default.data.text_embedding == "gpt2-xl-finetune" and len(default.teachers) == 3
+    self_learning = check_config(dataset_config(dataset, "tt_ce_plus,self"))  # the student's own model and text
+    assert [dict(t) for t in self_learning.teachers] == [dict(name="teacher_self", source="recipe", text_embedding="gpt2-xl-finetune")]
 
 
 def reference_recipes_text(dataset):

@@ -36,7 +36,7 @@ from typing import Any, Mapping
 
 import ml_collections
 
-from tt_jax.distillation.terms import distillation_terms
+from tt_jax.distillation.terms import distillation_terms, parse_terms
 from tt_jax.errors import UserInputError
 from tt_jax.models.config import ExpertConfig, ModelConfig, as_model_config
 
@@ -329,6 +329,37 @@ def _flatten(value: Any, prefix: str) -> dict[str, Any]:
     return {prefix: value}
 
 
+# The settings of the single TeachText distillation before `distillation.terms` replaced them.
+_LEGACY_DISTILLATION = ("weight", "aggregation", "distance")
+
+
+def legacy_terms(distillation: Mapping[str, Any], has_teachers: bool) -> list[dict]:
+    """The terms a run saved before `distillation.terms` existed was trained with: TeachText's
+    term with its old settings when it had teachers, none otherwise. Its "l2" was x^2, twice
+    today's 0.5 x^2, hence twice the weight."""
+    if not has_teachers:
+        return []
+    distance = distillation.get("distance", "huber")
+    weight = float(distillation.get("weight", 1.0)) * (2.0 if distance == "l2" else 1.0)
+    return [dict(method="teachtext", weight=weight, aggregation=distillation.get("aggregation", "mean"), distance=distance)]
+
+
+def _terms_identity(terms: list[dict]) -> dict[str, Any]:
+    resolved = _plain([term.to_dict() for term in parse_terms(terms)])
+    return _flatten({"distillation": {"terms": resolved}}, "")
+
+
+def migrated_identity(saved: Mapping[str, Any]) -> dict[str, Any]:
+    """A saved identity in today's keys: one written before `distillation.terms` existed names the
+    old distillation settings (or none, for a run without teachers) instead of the terms."""
+    saved = dict(saved)
+    if any(key.startswith("distillation.terms") for key in saved):
+        return saved
+    old = {key: saved.pop(f"distillation.{key}") for key in _LEGACY_DISTILLATION if f"distillation.{key}" in saved}
+    has_teachers = bool(old) or any(key.startswith("teachers[") for key in saved)
+    return {**saved, **_terms_identity(legacy_terms(old, has_teachers))}
+
+
 def run_identity(config: Any) -> dict[str, Any]:
     """{dotted key: value} of every setting of `config` (checked) that changes what is trained.
 
@@ -349,7 +380,11 @@ def run_identity(config: Any) -> dict[str, Any]:
         }
         for entry in teacher_entries(config)
     ]
-    plain["distillation"]["terms"] = _plain([term.to_dict() for term in distillation_terms(config)])
+    distillation = plain.setdefault("distillation", {})
+    if "terms" not in distillation:  # a config saved before the terms existed
+        old = {key: distillation.pop(key) for key in _LEGACY_DISTILLATION if key in distillation}
+        distillation["terms"] = legacy_terms(old, bool(plain["teachers"]))
+    distillation["terms"] = _plain([term.to_dict() for term in parse_terms(distillation["terms"])])
     flat = _flatten(plain, "")
     for key in RESTARTABLE_KEYS:
         flat.pop(key, None)
@@ -382,6 +417,8 @@ def identity_differences(saved: Mapping[str, Any], current: Mapping[str, Any], l
     was saved, left at its default, is the same run.
     """
     saved, current = dict(saved), dict(current)
+    if any(key.startswith("distillation.terms") for key in current):  # a run's identity of today
+        saved = migrated_identity(saved)
 
     def value(identity, key):
         return identity[key] if key in identity else _default_of(key)
