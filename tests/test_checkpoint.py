@@ -8,7 +8,9 @@ import subprocess
 import sys
 import textwrap
 import time
+from typing import Any
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -59,6 +61,31 @@ def test_round_trip_restores_the_train_state_with_its_optax_state(tmp_path):
     assert isinstance(restored, TrainState)
     assert type(restored.opt_state[0]) is type(state.opt_state[0])  # optax ScaleByAdamState
     assert meta == {"step": 7, "position": {"epoch": 1, "step_in_epoch": 3}, "metrics": {"loss": 0.5}}
+
+
+@flax.struct.dataclass
+class StateBeforeDistillationTerms:
+    """The train state as checkpoints were written before it carried the terms' state."""
+
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+
+
+def test_a_checkpoint_from_before_the_distillation_field_restores_with_it_empty(tmp_path):
+    state = make_state(5)
+    old = StateBeforeDistillationTerms(state.step, state.params, state.batch_stats, state.opt_state)
+    with Checkpointer(tmp_path, identity=IDENTITY) as checkpointer:
+        checkpointer.save_latest(old, position={})
+        checkpointer.wait()
+    with Checkpointer(tmp_path, identity=IDENTITY) as checkpointer:
+        restored, _ = checkpointer.restore_latest(jax.eval_shape(lambda: state))
+        assert isinstance(restored, TrainState) and restored.distillation == {}
+        assert_trees_equal(restored, state)
+        with_mask = state.replace(distillation={"linas": {"parameters": jnp.ones(2)}})
+        with pytest.raises(ValueError):  # a state the checkpoint cannot fill is not made up
+            checkpointer.restore_latest(jax.eval_shape(lambda: with_mask))
 
 
 def test_the_state_may_be_donated_as_soon_as_save_returns(tmp_path):

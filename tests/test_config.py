@@ -102,6 +102,7 @@ def test_the_identity_is_of_the_resolved_model_and_tolerates_settings_added_late
     assert identity_differences(run_identity(base), run_identity(explicit)) == ""
     saved = dict(run_identity(base))
     del saved["model.use_mish"], saved["train.margin"]  # as if saved before these keys existed
+    del saved["distillation.terms[0].delta"], saved["distillation.terms[0].schedule.unit"]  # a term's too
     assert identity_differences(saved, run_identity(base)) == ""
     assert "train.margin" in identity_differences(saved, run_identity(with_value(base, "train.margin", 0.5)))
 
@@ -127,6 +128,8 @@ def test_the_distillation_terms_are_identified_with_every_setting_resolved():
     base = distilled_config()
     explicit = with_value(base, "distillation.terms", [dict(method="teachtext", weight=1.0, delta=1.0, schedule=dict(kind="none"))])
     assert run_identity(explicit) == run_identity(base)
+    renamed = with_value(base, "distillation.terms", [dict(method="teachtext", name="tt")])  # only the logs' label
+    assert run_identity(renamed) == run_identity(base)
     scheduled = with_value(base, "distillation.terms", [dict(method="teachtext", schedule=dict(kind="exp"))])
     assert "distillation.terms[0].schedule.kind ('none' -> 'exp')" in identity_differences(run_identity(base), run_identity(scheduled))
     baseline = check_config(tiny_config("baseline"))  # no teachers: the student's own terms still count
@@ -213,6 +216,10 @@ def test_each_model_is_fed_its_own_token_count_from_the_longest_loaded():
         ([dict(method="teachtext"), dict(method="teachtext", delta=0.5)], r"names must be unique; \['teachtext'\]"),
         (["teachtext"], r"terms\[0\] must be a dict with a 'method'"),
         ([dict(method="caption", detach_target="yes")], r"detach_target must be true or false"),
+        ([dict(method="teachtext", weight=float("inf"))], r"weight must be a finite number, got inf"),
+        ([dict(method="teachtext", schedule=dict(kind="exp", k=True))], r"schedule.k must be a finite number, got True"),
+        ([dict(method="teachtext", schedule=dict(kind="exp", k="fast"))], r"schedule.k must be a finite number, got 'fast'"),
+        ([dict(method="embedding_regression", text=False, video=False)], r"regresses neither side"),
     ],
 )
 def test_a_bad_distillation_term_names_what_is_valid(terms, message):

@@ -55,7 +55,7 @@ def replicated_state_bytes(config) -> int:
     """A train state (params, BatchNorm statistics, optimiser moments) on every device of the mesh."""
     model = build_model(train.model_config_of(config))
     schedule = optim.epoch_decay_schedule(config.train.learning_rate, config.train.lr_decay_gamma, 1)
-    return tree_bytes(abstract_train_state(model, run_optimizer(config.train, schedule))) * len(jax.devices())
+    return tree_bytes(abstract_train_state(model, run_optimizer(config, schedule))) * len(jax.devices())
 
 
 @pytest.fixture(scope="module")

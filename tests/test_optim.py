@@ -521,3 +521,30 @@ def test_adam_rejects_has_grad_instead_of_ignoring_it():
 def test_unknown_optimiser_name_lists_the_valid_ones():
     with pytest.raises(ValueError, match="adam, adamw, radam, ranger"):
         optim.build_optimizer("sgd", 0.1)
+
+
+def test_accumulated_gradients_hand_on_the_running_sum():
+    """A loop that never zeroes its gradients: step t is taken with g_1 + ... + g_t."""
+    optimizer = optax.chain(optim.accumulated_gradients(), optax.sgd(0.5))
+    params = {"w": jnp.zeros(3)}
+    state = optimizer.init(params)
+    gradients = [jnp.array([1.0, -2.0, 0.5]), jnp.array([0.25, 1.0, -1.0])]
+    expected = params["w"]
+    for index, gradient in enumerate(gradients):
+        updates, state = optimizer.update({"w": gradient}, state, params)
+        params = optax.apply_updates(params, updates)
+        expected = expected - 0.5 * sum(gradients[: index + 1])
+        np.testing.assert_allclose(params["w"], expected, rtol=1e-6)
+
+
+def test_only_a_term_that_keeps_the_released_gradients_accumulates_them():
+    from test_train import tiny_config
+    from tt_jax.trained import run_optimizer
+
+    config = tiny_config()
+    plain = run_optimizer(config, 1e-3).init({"w": jnp.zeros(2)})
+    with config.unlocked():
+        config.distillation.terms = [dict(method="linas_feature", zero_gradients=False)]
+    accumulating = run_optimizer(config, 1e-3).init({"w": jnp.zeros(2)})
+    assert len(accumulating) == 2 and jax.tree.structure(accumulating[1]) == jax.tree.structure(plain)
+    np.testing.assert_array_equal(accumulating[0]["w"], 0.0)

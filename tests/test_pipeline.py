@@ -236,3 +236,13 @@ def test_embedding_regression_across_mismatched_dimensions_is_refused():
                             teacher_dims={"video_only": {"scene": 8}})
     check_terms_for_run(terms, num_teachers=1, smallest_batch=16, student_dims={"audio": 8},
                         teacher_dims={"same": {"audio": 8, "scene": 16}})  # extra teacher experts are fine
+
+
+def test_the_recipe_checks_every_run_s_terms_before_training_any(tmp_path):
+    """A student term the run cannot feed stops the recipe before its teachers train."""
+    config = tiny_config()
+    with config.unlocked():
+        config.distillation.terms = [dict(method="rank_k", k=40)]
+    with pytest.raises(UserInputError, match=r"k = 40, more than the 16 videos"):
+        pipeline.run(config, tmp_path / "recipe")
+    assert not (tmp_path / "recipe" / "teachers").exists()

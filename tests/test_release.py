@@ -394,6 +394,8 @@ def test_every_dataset_config_builds_each_variant_with_the_reference_sizes(datas
             assert expert.flaky == (expert.name in ("audio", "speech", "ocr", "face"))
     default = check_config(dataset_config(dataset))
     assert default.data.text_embedding == "gpt2-xl-finetune" and len(default.teachers) == 3
+    with pytest.raises(ValueError, match=r"'cecap' has no teachers, so 'self' says nothing"):
+        dataset_config(dataset, "cecap,self")
     self_learning = check_config(dataset_config(dataset, "tt_ce_plus,self"))  # the student's own model and text
     assert [dict(t) for t in self_learning.teachers] == [dict(name="teacher_self", source="recipe", text_embedding="gpt2-xl-finetune")]
 

@@ -18,6 +18,8 @@ and on a pod it coordinates the processes. Every process must call every save an
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 from etils import epath
 from typing import Any, Mapping, Optional
@@ -212,10 +214,30 @@ class Checkpointer:
         meta = self._read_meta(manager, kind)
         if meta is None:
             return None
-        restored = manager.restore(
-            meta["step"], args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(abstract_state)})
-        )
-        return restored[_STATE], meta
+        target, absent = self._restore_target(manager, meta["step"], abstract_state)
+        restored = manager.restore(meta["step"], args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(target)}))
+        state = restored[_STATE]
+        if absent:  # a field added to the state after this checkpoint was written, empty by default
+            state = abstract_state.replace(**state)
+        return state, meta
+
+    @staticmethod
+    def _restore_target(manager, step: int, abstract_state: Any) -> tuple[Any, list[str]]:
+        """What to restore into: the state itself, or, for a checkpoint written before a field of
+        the state existed whose value is still empty (no arrays, e.g. the distillation terms' state
+        of a run without stateful terms), a dict of the fields the checkpoint has."""
+        if not dataclasses.is_dataclass(abstract_state):
+            return abstract_state, []
+        try:
+            metadata = ocp.StandardCheckpointer().metadata(epath.Path(manager.directory) / str(step) / _STATE)
+            saved = set(metadata.item_metadata.keys())
+        except (AttributeError, FileNotFoundError, KeyError, TypeError, ValueError):
+            return abstract_state, []  # restore as is: Orbax names what does not match
+        fields = [field.name for field in dataclasses.fields(abstract_state)]
+        absent = [name for name in fields if name not in saved]
+        if not absent or any(jax.tree.leaves(getattr(abstract_state, name)) for name in absent):
+            return abstract_state, []  # restore as is: Orbax names what does not match
+        return {name: getattr(abstract_state, name) for name in fields if name in saved}, absent
 
     def check_identity(self) -> None:
         """Raises CheckpointError unless every checkpoint here was written by this run (reads only

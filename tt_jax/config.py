@@ -36,7 +36,8 @@ from typing import Any, Mapping
 
 import ml_collections
 
-from tt_jax.distillation.terms import distillation_terms, parse_terms
+from tt_jax.distillation.schedules import Schedule
+from tt_jax.distillation.terms import METHODS, distillation_terms, parse_terms
 from tt_jax.errors import UserInputError
 from tt_jax.models.config import ExpertConfig, ModelConfig, as_model_config
 
@@ -408,6 +409,23 @@ def _default_of(key: str) -> Any:
 
 
 _NOT_SET = "<not set>"
+_TERM_KEY = re.compile(r"distillation\.terms\[(\d+)\]\.(.+)")
+
+
+def _term_setting_default(identity: Mapping[str, Any], key: str) -> Any:
+    """The default of a distillation term's setting, for that term's method in `identity` (a
+    setting added to a method after a run was saved stands at its default there)."""
+    match = _TERM_KEY.fullmatch(key)
+    method = METHODS.get(identity.get(f"distillation.terms[{match.group(1)}].method")) if match else None
+    if method is None:
+        return _NOT_SET
+    setting = match.group(2)
+    if setting == "weight":
+        return method.weight
+    if setting.startswith("schedule."):
+        field = Schedule.__dataclass_fields__.get(setting.removeprefix("schedule."))
+        return _NOT_SET if field is None else field.default
+    return method.settings.get(setting, _NOT_SET)
 
 
 def identity_differences(saved: Mapping[str, Any], current: Mapping[str, Any], limit: int = 20) -> str:
@@ -421,7 +439,10 @@ def identity_differences(saved: Mapping[str, Any], current: Mapping[str, Any], l
         saved = migrated_identity(saved)
 
     def value(identity, key):
-        return identity[key] if key in identity else _default_of(key)
+        if key in identity:
+            return identity[key]
+        setting = _term_setting_default(identity, key)
+        return _default_of(key) if setting is _NOT_SET else setting
 
     keys = sorted(key for key in saved.keys() | current.keys() if value(saved, key) != value(current, key))
     shown = ", ".join(f"{key} ({value(saved, key)!r} -> {value(current, key)!r})" for key in keys[:limit])

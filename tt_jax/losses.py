@@ -14,7 +14,7 @@ from typing import Mapping, Sequence
 import jax
 import jax.numpy as jnp
 
-from tt_jax.distillation import teachtext as distillation_terms
+from tt_jax.distillation import teachtext as teachtext_terms
 from tt_jax.distillation.view import aggregate
 
 
@@ -108,7 +108,7 @@ def teachtext_loss(
     if teacher_similarities is None:
         return {"total": ranking, "ranking": ranking, "distillation": jnp.zeros_like(ranking)}
     target = aggregate(teacher_similarities, aggregation)
-    distillation = distillation_terms.teachtext_loss(
+    distillation = teachtext_terms.teachtext_loss(
         student_similarity, teacher_similarities, aggregation=aggregation, kind=distance
     )
     return {

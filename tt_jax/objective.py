@@ -25,7 +25,7 @@ from jax.sharding import Mesh, PartitionSpec
 from tt_jax import losses
 from tt_jax.distillation import linas
 from tt_jax.distillation.terms import DistillationTerm, initial_distillation_state, parse_terms
-from tt_jax.distillation.view import StepView, StudentView, TeacherView
+from tt_jax.distillation.view import StepView, StudentView
 from tt_jax.errors import UserInputError
 from tt_jax.models import CENet, Embeddings
 from tt_jax.parallel import DATA_AXIS, first_local_row, gather_rows, sum_over_devices
@@ -42,17 +42,21 @@ class ObjectiveOptions:
     """Loss settings; defaults are the reference's (trainer/trainer.py, model/loss.py).
 
     terms: the distillation terms; None means TeachText's when there are teachers (and none
-    without). steps_per_epoch: what an epoch is to the terms' weight schedules.
+    without). steps_per_epoch: what an epoch is to the terms' weight schedules (needed when a
+    term has one).
     """
 
     margin: float
     fix_norm: bool = True
     terms: Optional[tuple[DistillationTerm, ...]] = None
-    steps_per_epoch: int = 1
+    steps_per_epoch: Optional[int] = None
 
     def __post_init__(self):
         if not self.margin >= 0:
             raise ObjectiveConfigError(f"the margin must be a non-negative number, got {self.margin}")
+        scheduled = [term.name for term in self.terms or () if term.scheduled]
+        if scheduled and not self.steps_per_epoch:
+            raise ObjectiveConfigError(f"the terms {scheduled} follow a weight schedule: give steps_per_epoch")
 
 
 class ObjectiveConfigError(UserInputError):
@@ -129,7 +133,7 @@ def make_objective(
             distillation = jnp.zeros((), jnp.float32)
             for term in terms:
                 value = sum_over_devices(term.share(view, distillation_state.get(term.name)))
-                weight = term.weight_at(step, options.steps_per_epoch)
+                weight = term.weight_at(step, options.steps_per_epoch or 1)
                 scalars[f"distill/{term.name}"] = value
                 if term.scheduled:
                     scalars[f"distill_weight/{term.name}"] = weight
@@ -188,7 +192,6 @@ def make_epoch_update(
             updated[term.name] = linas.mask_step(
                 distillation_state[term.name], view, learning_rate=settings["mask_learning_rate"],
                 steps=settings["mask_steps"], aggregation=settings["aggregation"], delta=settings["delta"],
-                zero_mask_gradients=settings["zero_mask_gradients"],
             )
         return updated
 

@@ -476,3 +476,19 @@ def epoch_decay_schedule(
     return optax.exponential_decay(
         init_value=base_lr, transition_steps=steps_per_epoch, decay_rate=gamma, staircase=True
     )
+
+
+def accumulated_gradients() -> optax.GradientTransformation:
+    """Hands on the sum of every gradient so far instead of this step's: what a PyTorch loop that
+    never calls `optimizer.zero_grad()` optimises with (LINAS's released trainer, spec 4.4).
+    Kept only to reproduce that code (the LINAS terms' `zero_gradients=False`)."""
+
+    def init(params):
+        return jax.tree.map(jnp.zeros_like, params)
+
+    def update(updates, state, params=None):
+        del params
+        total = jax.tree.map(jnp.add, state, updates)
+        return total, total
+
+    return optax.GradientTransformation(init, update)

@@ -141,6 +141,8 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
     runs = recipe_runs(config, workdir)
     selected = [run for run in runs if run.stage in stages]
     to_train = [run for run in selected if not _is_finished(run)]
+    for recipe_run in to_train:  # every run's terms, before the first run trains
+        train.check_terms_before_loading(recipe_run.config)
     # One copy of the data for every run (a release can take most of host memory), holding what
     # any run of the recipe reads (whichever stages run, so the data is always the same); finished
     # runs only check their results, so nothing is loaded when every run has finished.

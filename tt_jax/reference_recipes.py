@@ -126,6 +126,7 @@ def _parse(arg: Optional[str], settings: DatasetSettings) -> dict:
             choice["model"] = word
         elif word in TEACHER_SOURCES:
             choice["teachers"] = word
+            choice["teachers_given"] = True
         elif word in DENOISING:
             choice["denoising"] = word
         elif word in layout.splits:
@@ -145,6 +146,11 @@ def release_config(settings: DatasetSettings, arg: Optional[str] = None) -> ml_c
     plus = model_name in ("tt_ce_plus", "ce_plus", "cecap", "ttcap")
     with_teachers = model_name.startswith("tt")
     with_captions = model_name in ("cecap", "ttcap")
+    if choice.get("teachers_given") and not with_teachers:
+        raise ValueError(
+            f"configs/{settings.dataset}.py: {model_name!r} has no teachers, so {choice['teachers']!r} says nothing; "
+            "the teacher words apply to tt_ce_plus, tt_ce and ttcap"
+        )
     numbers = dict(
         margin=settings.margin,
         text_vlad_clusters=settings.text_vlad_clusters,

@@ -116,6 +116,27 @@ def data_needs(config: Any, entries: Optional[list[TeacherEntry]] = None) -> Dat
     return DataNeeds.of(*data_readers(config, entries))
 
 
+def check_terms_before_loading(config: Any) -> None:
+    """What can be checked of the run's terms from its config alone (teachers present and read,
+    k within the batch, live teachers' embedding dimensions), so that a recipe stops before its
+    first run rather than at the student's."""
+    model_config = model_config_of(config)
+    teacher_dims = {}
+    for entry in teacher_entries(config):
+        if entry.is_live:
+            teacher = live_model_config(config, entry)
+            teacher_dims[entry.name] = {expert.name: teacher.embedding_dim(expert) for expert in teacher.experts}
+        else:
+            teacher_dims[entry.name] = None  # known once its release file is loaded
+    check_terms_for_run(
+        distillation_terms(config),
+        num_teachers=len(teacher_dims),
+        smallest_batch=config.train.batch_size,
+        student_dims={expert.name: model_config.embedding_dim(expert) for expert in model_config.experts},
+        teacher_dims=teacher_dims,
+    )
+
+
 def run_stores(config: Any) -> dict[str, FeatureStore]:
     """{split: FeatureStore} holding what a run of `config` reads (e.g. for a notebook)."""
     return load_splits(config.data, data_needs(config))
@@ -258,6 +279,7 @@ def train_and_evaluate(
         if finished.get("num_epochs") == config.train.num_epochs:
             logging.info("%s has finished; reading its results", workdir)
             return finished
+    check_terms_before_loading(config)
     with Checkpointer(workdir, identity=identity) as checkpointer:
         checkpointer.check_identity()
         with jax.default_matmul_precision(config.train.matmul_precision):
@@ -287,7 +309,7 @@ def _train(
     parallel.check_batch_divisible(train_config.batch_size, mesh)
     steps_in_epoch = sampler.steps_per_epoch(train_store.num_videos, train_config.batch_size, multiple_of=mesh.size)
     learning_rate = optim.epoch_decay_schedule(train_config.learning_rate, train_config.lr_decay_gamma, steps_in_epoch)
-    optimizer = run_optimizer(train_config, learning_rate)
+    optimizer = run_optimizer(config, learning_rate)
     model = build_model(model_config)  # evaluation (BatchNorm in eval mode needs no devices axis)
     train_store.validate(model_config, text_name)  # the evaluators validate val and test
     initial_distillation = initial_distillation_state(terms)
@@ -300,7 +322,7 @@ def _train(
     check_terms_for_run(
         terms,
         num_teachers=len(teachers),
-        smallest_batch=sampler.smallest_batch(train_store.num_videos, train_config.batch_size, multiple_of=mesh.size),
+        smallest_batch=sampler.last_batch_size(train_store.num_videos, train_config.batch_size, multiple_of=mesh.size),
         student_dims={expert.name: model_config.embedding_dim(expert) for expert in model_config.experts},
         teacher_dims={teacher.name: teacher_embedding_dims(teacher, train_store) for teacher in teachers},
     )

@@ -75,9 +75,14 @@ def check_same_run(saved_identity: Any, current: Mapping[str, Any], where: str) 
     )
 
 
-def run_optimizer(train_config: Any, learning_rate: optax.ScalarOrSchedule) -> optax.GradientTransformation:
-    """The run's optimiser: `train.optimizer` with `learning_rate` (the run's epoch decay schedule)."""
-    return optim.build_optimizer(train_config.optimizer, learning_rate, train_config.weight_decay)
+def run_optimizer(config: Any, learning_rate: optax.ScalarOrSchedule) -> optax.GradientTransformation:
+    """The run's optimiser: `train.optimizer` with `learning_rate` (the run's epoch decay schedule),
+    fed the running sum of the gradients where a term reproduces a trainer that never zeroes them."""
+    train_config = config.train
+    optimizer = optim.build_optimizer(train_config.optimizer, learning_rate, train_config.weight_decay)
+    if any(term.settings.get("zero_gradients") is False for term in distillation_terms(config)):
+        optimizer = optax.chain(optim.accumulated_gradients(), optimizer)
+    return optimizer
 
 
 def _any_schedule(train_config: Any) -> optax.Schedule:
@@ -119,7 +124,7 @@ def load_trained(
     model = build_model(model_config_of(config))
     if sharding is None:
         sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    optimizer = run_optimizer(config.train, _any_schedule(config.train))
+    optimizer = run_optimizer(config, _any_schedule(config.train))
     distillation = initial_distillation_state(distillation_terms(config))
     abstract = abstract_train_state(model, optimizer, sharding, distillation)
     with Checkpointer(workdir, identity=run_identity(config)) as checkpointer:

@@ -178,14 +178,6 @@ def steps_per_epoch(
     return steps
 
 
-def smallest_batch(num_videos: int, global_batch_size: int, *, multiple_of: int = 1) -> int:
-    """The fewest videos any batch of an epoch holds (`steps_per_epoch`'s last, cut batch)."""
-    steps_per_epoch(num_videos, global_batch_size, multiple_of=multiple_of)  # raises if there is no batch
-    full, remainder = divmod(num_videos, global_batch_size)
-    last = remainder // multiple_of * multiple_of
-    return last if last else global_batch_size
-
-
 def global_batch_indices(
     seed: int,
     epoch: int,

@@ -16,9 +16,10 @@ clipped at norm 2) on (p1, p2) for
 
 which moves weight toward whichever group, positives or negatives, the student matches best
 relative to the teacher. The released code builds the mask once from (p1, p2) and never rebuilds
-it, so its "adapt" trains with W = 1/B throughout, and it never zeroes the mask's gradients
-between steps. Both are fixed by default (`rebuild_mask`, `zero_mask_gradients`); setting either
-to False reproduces the released behaviour.
+it, so its "adapt" trains with W = 1/B throughout; and its student step never calls zero_grad(),
+so the student is optimised with the running sum of its gradients. Both are fixed by default
+(`rebuild_mask`, and `zero_gradients` of either LINAS term, applied by the run's optimiser:
+`tt_jax.optim.accumulated_gradients`); setting either to False reproduces the released code.
 """
 
 from __future__ import annotations
@@ -89,11 +90,7 @@ def mask_optimizer(learning_rate: float) -> optax.GradientTransformation:
 
 def initial_mask_state(learning_rate: float) -> dict:
     parameters = jnp.asarray(INITIAL_MASK_PARAMETERS, jnp.float32)
-    return {
-        "parameters": parameters,
-        "optimizer": mask_optimizer(learning_rate).init(parameters),
-        "gradient": jnp.zeros_like(parameters),  # the running sum, used where gradients are not zeroed
-    }
+    return {"parameters": parameters, "optimizer": mask_optimizer(learning_rate).init(parameters)}
 
 
 def linas_relational_share(view, state=None, *, mask="diag", aggregation="mean", delta=1.0, rebuild_mask=True):
@@ -110,7 +107,7 @@ def linas_relational_share(view, state=None, *, mask="diag", aggregation="mean",
     return batch * jnp.sum(adaptive_weights(parameters, rows, batch, first_row) * per_entry)
 
 
-def mask_step(state, view, *, learning_rate, steps=1, aggregation="mean", delta=1.0, zero_mask_gradients=True):
+def mask_step(state, view, *, learning_rate, steps=1, aggregation="mean", delta=1.0):
     """The M-step on one (validation) batch: `steps` clipped Adam steps on (p1, p2)."""
     rows = view.rows.shape[0]
     first_row = first_local_row(rows)
@@ -122,9 +119,7 @@ def mask_step(state, view, *, learning_rate, steps=1, aggregation="mean", delta=
             state["parameters"], view.rows, teachers, aggregation=aggregation, delta=delta, first_row=first_row
         )
         gradient = sum_over_devices(share_gradient)
-        if not zero_mask_gradients:  # the released trainer: gradients pile up across steps
-            gradient = gradient + state["gradient"]
         updates, opt_state = optimizer.update(gradient, state["optimizer"], state["parameters"])
-        return {"parameters": optax.apply_updates(state["parameters"], updates), "optimizer": opt_state, "gradient": gradient}
+        return {"parameters": optax.apply_updates(state["parameters"], updates), "optimizer": opt_state}
 
     return jax.lax.fori_loop(0, steps, one_step, state)

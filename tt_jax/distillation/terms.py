@@ -17,6 +17,7 @@ their defaults). The objective adds weight(step) * value of every term to the ra
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 from tt_jax.distillation import features, kl, linas, relational, teachtext, within
@@ -108,12 +109,15 @@ METHODS: dict[str, Method] = {
         "teacher_rows", "DL-DKD++ compute_kl_loss(mode='batch_score'), HuiGuanLab/DL-DKD method/model.py",
     ),
     "linas_feature": Method(
-        0.2, {"video_weight": 1.0}, _features_share(features.linas_feature_share),
+        0.2, {"video_weight": 1.0, "zero_gradients": True},
+        lambda view, state, video_weight, zero_gradients: features.linas_feature_share(
+            view, view.expert_names, video_weight=video_weight
+        ),
         "teacher_embeddings", "LINAS (Fang et al., ECCV 2022) L_Dtext + gamma L_Dvideo, silenceFS/LINAS model.py",
     ),
     "linas_relational": Method(
         1.0,
-        {**_AGGREGATION, "mask": "diag", "delta": 1.0, "rebuild_mask": True, "zero_mask_gradients": True,
+        {**_AGGREGATION, "mask": "diag", "delta": 1.0, "rebuild_mask": True, "zero_gradients": True,
          "mask_learning_rate": 1e-3, "mask_steps": 1},
         lambda view, state, mask, aggregation, delta, rebuild_mask, **_: linas.linas_relational_share(
             view, state, mask=mask, aggregation=aggregation, delta=delta, rebuild_mask=rebuild_mask
@@ -166,8 +170,8 @@ class DistillationTerm:
         return term_weight(self.weight, self.schedule, step, steps_per_epoch)
 
     def to_dict(self) -> dict:
+        """Every setting (what a run's identity holds; the name only labels the logs)."""
         return {
-            "name": self.name,
             "method": self.method,
             "weight": self.weight,
             "schedule": dataclasses.asdict(self.schedule),
@@ -199,8 +203,8 @@ def _setting(where: str, key: str, value: Any, default: Any) -> Any:
             raise DistillationConfigError(f"{where}.{key} must be a whole number of at least 1, got {value!r}")
         return value
     if isinstance(default, float):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-            raise DistillationConfigError(f"{where}.{key} must be a number, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise DistillationConfigError(f"{where}.{key} must be a finite number, got {value!r}")
         value = float(value)
         if key in _POSITIVE and not value > 0:
             raise DistillationConfigError(
@@ -225,10 +229,13 @@ def _schedule(where: str, raw: Any) -> Schedule:
     unknown = sorted(set(values) - set(fields))
     if unknown:
         raise DistillationConfigError(f"{where}.schedule has unknown keys {unknown}; a schedule has {fields}")
-    try:
-        schedule = Schedule(**{key: (float(v) if key in ("k", "b", "floor", "up_offset") and v is not None else v) for key, v in values.items()})
-    except (TypeError, ValueError) as error:
-        raise DistillationConfigError(f"{where}.schedule {values}: {error}") from error
+    for key in ("k", "b", "floor", "up_offset"):
+        value = values.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)):
+            raise DistillationConfigError(f"{where}.schedule.{key} must be a finite number, got {value!r}")
+        if value is not None:
+            values[key] = float(value)
+    schedule = Schedule(**values)
     problems = schedule.problems()
     if problems:
         raise DistillationConfigError(f"{where}.schedule: " + "; ".join(problems))
@@ -264,6 +271,8 @@ def parse_terms(entries: Sequence[Mapping[str, Any]]) -> tuple[DistillationTerm,
         settings = {
             key: _setting(where, key, values.get(key, default), default) for key, default in definition.settings.items()
         }
+        if method == "embedding_regression" and not (settings["text"] or settings["video"]):
+            raise DistillationConfigError(f"{where} (embedding_regression) regresses neither side: set text or video to true")
         name = str(values.get("name") or method)
         terms.append(DistillationTerm(name, method, weight, _schedule(where, values.get("schedule")), settings))
     names = [term.name for term in terms]
@@ -284,7 +293,8 @@ def check_terms_for_run(
     teacher_dims: Mapping[str, Optional[Mapping[str, int]]],
 ) -> None:
     """Stops before training when the run cannot feed a term: no teachers, K above the batch,
-    embeddings of other dimensions. teacher_dims: {teacher: {expert: embedding dim} or None}."""
+    embeddings of other dimensions. teacher_dims: {teacher: {expert: embedding dim}, or None
+    where they are not known yet (a precomputed teacher before its data is loaded)}."""
     readers = [term.name for term in terms if term.reads_teachers]
     if readers and not num_teachers:
         raise DistillationConfigError(
@@ -310,9 +320,7 @@ def check_terms_for_run(
         if not needs_embeddings:
             continue
         for teacher, dims in teacher_dims.items():
-            if dims is None:
-                raise DistillationConfigError(f"{where} reads teacher embeddings, which teacher {teacher!r} does not provide")
-            if term.definition.reads != "teacher_embeddings":
+            if dims is None or term.definition.reads != "teacher_embeddings":
                 continue
             wrong = {
                 expert: (dim, dims.get(expert)) for expert, dim in student_dims.items() if dims.get(expert) != dim
