@@ -83,7 +83,7 @@ def make_train_step(
     """
 
     def step(state: TrainState, teacher_variables, batch):
-        (total, (terms, batch_stats)), grads = jax.value_and_grad(objective, has_aux=True)(
+        (total, (loss_scalars, batch_stats)), grads = jax.value_and_grad(objective, has_aux=True)(
             state.params, state.batch_stats, teacher_variables, batch, state.step, state.distillation
         )
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -94,7 +94,7 @@ def make_train_step(
             opt_state=opt_state,
             distillation=state.distillation,
         )
-        scalars = {"loss": total, **terms, "grad_norm": optax.tree.norm(grads)}
+        scalars = {"loss": total, **loss_scalars, "grad_norm": optax.tree.norm(grads)}
         if learning_rate is not None:
             scalars["learning_rate"] = learning_rate(state.step)
         return new_state, scalars
