@@ -23,6 +23,13 @@ loss, which it equals up to float32 rounding. On CPU the devices are fake
 (`--xla_force_host_platform_device_count`), share the same cores and each hold a copy of the
 parameters: there the speed-up measures the cost of sharding, not a parallel gain. `--tiny` keeps
 the shrunk sizes of the reference fixtures (same architecture, D = 16 / 12) for a smoke test.
+
+Table (c) (`--terms=all`, or a list of TERM_VARIANTS; `--tables=` skips (a) and (b)) times one
+distillation term at a time against the student alone, each with three precomputed teachers
+(the caption and video terms need none), in turns in the same run; every variant continues one
+train state, so one copy of the parameters serves them all.
+
+    python benchmarks/train_step_benchmark.py --sizes=msrvtt --tables= --terms=all
 """
 
 from __future__ import annotations
