@@ -171,16 +171,19 @@ def _view(student, availability, teachers) -> StepView:
     )
 
 
+def input_specs():
+    """(student rows, replicated, teachers): the student's inputs and every teacher's [T, B, ...]
+    arrays split over the devices by video."""
+    by_video = PartitionSpec(None, parallel.DATA_AXIS)
+    teachers = {"rows": by_video, "text": {e: by_video for e in EXPERTS}, "video": {e: by_video for e in EXPERTS}}
+    return PartitionSpec(parallel.DATA_AXIS), PartitionSpec(), teachers
+
+
 @functools.lru_cache(maxsize=None)
 def sharded_value_and_grad(case: str, devices: int):
     term = distill.parse_terms([CASES[case][0]])[0]
     mesh = parallel.make_mesh(devices)
-    rows_spec, replicated = PartitionSpec(parallel.DATA_AXIS), PartitionSpec()
-    teacher_spec = {
-        "rows": PartitionSpec(None, parallel.DATA_AXIS),
-        "text": {e: PartitionSpec(None, parallel.DATA_AXIS) for e in EXPERTS},
-        "video": {e: PartitionSpec(None, parallel.DATA_AXIS) for e in EXPERTS},
-    }
+    rows_spec, replicated, teacher_spec = input_specs()
 
     def local(student, availability, teachers, state):
         return parallel.sum_over_devices(term.share(_view(student, availability, teachers), state.get(term.name)))
@@ -230,12 +233,7 @@ def test_the_adaptive_mask_step_on_n_devices_matches_the_whole_batch_step(device
     term = distill.parse_terms([dict(method="linas_relational", mask="adapt", mask_steps=3)])[0]
     settings = term.settings
     mesh = parallel.make_mesh(devices)
-    rows_spec, replicated = PartitionSpec(parallel.DATA_AXIS), PartitionSpec()
-    teacher_spec = {
-        "rows": PartitionSpec(None, parallel.DATA_AXIS),
-        "text": {e: PartitionSpec(None, parallel.DATA_AXIS) for e in EXPERTS},
-        "video": {e: PartitionSpec(None, parallel.DATA_AXIS) for e in EXPERTS},
-    }
+    rows_spec, replicated, teacher_spec = input_specs()
 
     def local(student, availability, teachers, state):
         return linas.mask_step(

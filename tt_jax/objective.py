@@ -73,6 +73,17 @@ def _student_view(embeddings: Embeddings) -> StudentView:
     )
 
 
+def _step_view(rows, embeddings: Embeddings, model_config, teachers, teacher_variables, batch) -> StepView:
+    """What the terms see on this device: the student's rows and embeddings, every teacher's view."""
+    return StepView(
+        rows=rows,
+        student=_student_view(embeddings),
+        teachers=tuple(teacher_view(t, teacher_variables.get(t.name), batch) for t in teachers),
+        expert_names=tuple(model_config.expert_names),
+        keep_missing_modalities=model_config.keep_missing_modalities,
+    )
+
+
 def _resolved_terms(options: ObjectiveOptions, teachers) -> tuple[DistillationTerm, ...]:
     if options.terms is not None:
         return tuple(options.terms)
@@ -101,7 +112,6 @@ def make_objective(
         raise ValueError(f"the student must be built with axis_name={DATA_AXIS!r} to train on a mesh")
     teachers = tuple(teachers)
     terms = _resolved_terms(options, teachers)
-    expert_names = tuple(student.config.expert_names)
 
     def local_objective(params, batch_stats, teacher_variables, batch, step, distillation_state):
         embeddings, new_state = student.apply(
@@ -123,13 +133,7 @@ def make_objective(
         scalars = {"ranking_loss": ranking}
         total = ranking
         if terms:
-            view = StepView(
-                rows=rows,
-                student=_student_view(embeddings),
-                teachers=tuple(teacher_view(t, teacher_variables.get(t.name), batch) for t in teachers),
-                expert_names=expert_names,
-                keep_missing_modalities=student.config.keep_missing_modalities,
-            )
+            view = _step_view(rows, embeddings, student.config, teachers, teacher_variables, batch)
             distillation = jnp.zeros((), jnp.float32)
             for term in terms:
                 value = sum_over_devices(term.share(view, distillation_state.get(term.name)))
@@ -180,12 +184,7 @@ def make_epoch_update(
             train=False,
         )
         rows = jax.lax.stop_gradient(similarity_rows(embeddings, student.config))
-        view = StepView(
-            rows=rows,
-            student=_student_view(embeddings),
-            teachers=tuple(teacher_view(t, teacher_variables.get(t.name), batch) for t in teachers),
-            expert_names=tuple(student.config.expert_names),
-        )
+        view = _step_view(rows, embeddings, student.config, teachers, teacher_variables, batch)
         updated = dict(distillation_state)
         for term in terms:
             settings = term.settings
