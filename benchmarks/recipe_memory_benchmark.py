@@ -141,12 +141,13 @@ def child_main(main_argv: list[str]) -> None:
     from absl import app
 
     from tt_jax import main as entry
+    from tt_jax.cli import parse_flags
 
     # config_flags reads the command line as the config flag is defined: give it tt_jax.main's.
     sys.argv = [entry.__file__, *main_argv]
     _report("before recipe")
     _install_phase_reports()
-    app.run(entry.main, argv=sys.argv, flags_parser=entry._parse_flags)
+    app.run(entry.main, argv=sys.argv, flags_parser=parse_flags)
 
 
 # -- the parent: data, budget, sampling, table ---------------------------------------------------

@@ -21,7 +21,12 @@ TEXT_EMBEDDINGS = TEACHTEXT_TEXT_EMBEDDINGS
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """arg: comma-separated words: "quick" (one seed and ten epochs, to check a setup in a minute);
     "ttcap" (TeachText plus caption distillation), "cecap" (caption distillation alone, no
-    teachers) or "self" (self-learning: one teacher, the student's own model and text)."""
+    teachers) or "self" (self-learning: one teacher, the student's own model and text);
+    "teachvideo" (the student reads the scene expert alone, the teachers all three; the w2v
+    teacher is then the video teacher: the student's text, every expert); "moee_teachers"
+    (the teachers are MoEE models: no collaborative gating); "noisy"
+    (a third of the training captions describe another video) and "denoise" (drop the captions
+    the teachers rank worse than 5)."""
     config = default_config()
     config.model = ml_collections.ConfigDict(
         dict(
@@ -73,6 +78,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             config.distillation.terms = [dict(method="caption")]
         elif word == "self":
             config.teachers = [entry for entry in config.teachers if entry["text_embedding"] == "w2v"]
+        elif word == "teachvideo":  # TeachVideo: a student reading one expert; teachers read all three
+            every_expert = [dict(expert) for expert in config.model.experts]
+            for entry in config.teachers:
+                entry["model_changes"] = {**entry["model_changes"], "experts": every_expert}
+            config.model.experts = [expert for expert in every_expert if expert["name"] == "scene"]
+        elif word == "moee_teachers":  # teachers of another architecture: MoEE (no collaborative gating)
+            for entry in config.teachers:
+                entry["model_changes"] = {**entry["model_changes"], "collaborative_gating": False}
+        elif word == "noisy":  # a third of the training captions describe another video
+            config.data.synthetic.wrong_caption_rate = 1 / 3
+        elif word == "denoise":  # TeachText's denoising: keep the captions the teachers rank in the top 5
+            config.denoising.max_rank = 5
         else:
-            raise ValueError(f"configs/demo.py takes quick, ttcap, cecap and self (comma-separated), got {word!r}")
+            raise ValueError(
+                "configs/demo.py takes quick, ttcap, cecap, self, teachvideo, moee_teachers, noisy and denoise "
+                f"(comma-separated), got {word!r}"
+            )
     return config

@@ -1,4 +1,8 @@
-"""The sharded TeachText step: N devices compute what one device computes on the global batch."""
+"""The sharded TeachText step: N devices compute what one device computes on the global batch.
+
+Two students: one reading every expert, and a TeachVideo student reading one expert (scene) while
+its live teacher reads all three, from the one batch holding the union of the experts.
+"""
 
 from __future__ import annotations
 
@@ -17,13 +21,13 @@ GLOBAL_BATCH = 8
 RTOL = 1e-5
 
 
-def student_config(text_dim=5) -> ModelConfig:
+EXPERTS = (ExpertConfig("scene", 10), ExpertConfig("motion", 7), ExpertConfig("audio", 4, "vlad", 2, 3, flaky=True))
+STUDENTS = {"every_expert": EXPERTS, "teachvideo": EXPERTS[:1]}
+
+
+def student_config(text_dim=5, experts=EXPERTS) -> ModelConfig:
     return ModelConfig(
-        experts=(
-            ExpertConfig("scene", 10),
-            ExpertConfig("motion", 7),
-            ExpertConfig("audio", 4, "vlad", 2, 3, flaky=True),
-        ),
+        experts=experts,
         text_dim=text_dim,
         text_vlad_clusters=2,
         text_ghost_clusters=1,
@@ -33,10 +37,11 @@ def student_config(text_dim=5) -> ModelConfig:
 
 
 @functools.lru_cache(maxsize=None)
-def problem():
-    """A global batch, a live teacher reading a richer text embedding, a precomputed teacher."""
+def problem(student: str = "every_expert"):
+    """A global batch, a live teacher reading a richer text embedding and every expert, a
+    precomputed teacher; the student reads STUDENTS[student]."""
     rng = np.random.default_rng(0)
-    config, teacher_config = student_config(), student_config(text_dim=9)
+    config, teacher_config = student_config(experts=STUDENTS[student]), student_config(text_dim=9)
     batch = {
         "experts": {
             "scene": rng.normal(size=(GLOBAL_BATCH, 10)).astype(np.float32),
@@ -67,8 +72,8 @@ def problem():
 
 
 @functools.lru_cache(maxsize=None)
-def sharded_step(num_devices: int):
-    config, teacher_config, batch, student_variables, teacher_variables = problem()
+def sharded_step(num_devices: int, student: str = "every_expert"):
+    config, teacher_config, batch, student_variables, teacher_variables = problem(student)
     mesh = parallel.make_mesh(num_devices)
     teachers = [
         LiveTeacher("live", build_model(teacher_config), text_name="rich"),
@@ -105,9 +110,9 @@ def sharded_step(num_devices: int):
     )
 
 
-def unsharded_reference():
+def unsharded_reference(student: str = "every_expert"):
     """The same quantities from the plain single-matrix path (no shard_map, no collectives)."""
-    config, teacher_config, batch, student_variables, teacher_variables = problem()
+    config, teacher_config, batch, student_variables, teacher_variables = problem(student)
     student, teacher = build_model(config), build_model(teacher_config)
     teacher_embeddings = teacher.apply(
         teacher_variables["live"], batch["experts"], batch["availability"], batch["text"]["rich"], train=False
@@ -147,8 +152,9 @@ def assert_trees_close(actual, expected, what):
     jax.tree_util.tree_map_with_path(check, actual, expected)
 
 
-def test_one_device_matches_the_unsharded_computation():
-    sharded, reference = sharded_step(1), unsharded_reference()
+@pytest.mark.parametrize("student", sorted(STUDENTS))
+def test_one_device_matches_the_unsharded_computation(student):
+    sharded, reference = sharded_step(1, student), unsharded_reference(student)
     np.testing.assert_allclose(sharded["total"], reference["total"], rtol=RTOL)
     np.testing.assert_allclose(sharded["terms"]["ranking_loss"], reference["terms"]["ranking"], rtol=RTOL)
     np.testing.assert_allclose(sharded["terms"]["distillation_loss"], reference["terms"]["distillation"], rtol=RTOL)
@@ -156,10 +162,11 @@ def test_one_device_matches_the_unsharded_computation():
     assert_trees_close(sharded["batch_stats"], reference["batch_stats"], "batch_stats")
 
 
-@pytest.mark.parametrize("num_devices", [2, 4, 8])
-def test_n_devices_match_one_device(num_devices):
+@pytest.mark.parametrize("num_devices,student", [(2, "every_expert"), (4, "every_expert"), (8, "every_expert"),
+                                                 (2, "teachvideo"), (8, "teachvideo")])
+def test_n_devices_match_one_device(num_devices, student):
     assert jax.device_count() >= num_devices, "tests run with 8 fake CPU devices (see conftest.py)"
-    one, many = sharded_step(1), sharded_step(num_devices)
+    one, many = sharded_step(1, student), sharded_step(num_devices, student)
     for key in ("total", "terms", "grads", "batch_stats", "params"):
         assert_trees_close(many[key], one[key], key)
 

@@ -30,26 +30,28 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import re
 from typing import Any, Mapping
 
 import ml_collections
 
+from tt_jax.denoising.settings import DenoisingSettings
 from tt_jax.distillation.schedules import Schedule
 from tt_jax.distillation.terms import METHODS, distillation_terms, parse_terms
 from tt_jax.errors import UserInputError
 from tt_jax.models.config import ExpertConfig, ModelConfig, as_model_config
 
 # Keys whose values are free-form dicts or lists of dicts, checked by their consumers.
-_FREE_FORM = {"model", "data.synthetic", "data.expert_files", "teachers", "distillation.terms"}
+_FREE_FORM = {"model", "data.synthetic", "data.expert_files", "teachers", "distillation.terms", "study"}
 
 # Top-level shortcuts for the settings most often changed on the command line
 # (`--config.data_dir=/data --config.num_epochs=5 --config.seeds=0,1`): when set, they replace
 # the nested keys they name.
 SHORTCUTS = {"data_dir": "data.data_dir", "num_epochs": "train.num_epochs", "seeds": "pipeline.seeds"}
 
-PIPELINE_STAGES = ("teachers", "student_teachtext", "student_baseline", "report")
+PIPELINE_STAGES = ("teachers", "denoising", "student_teachtext", "student_baseline", "report")
 TEACHER_SOURCES = ("recipe", "run", "reference", "precomputed")
 TRANSFER_GUARDS = ("allow", "log", "disallow")
 
@@ -80,7 +82,7 @@ RESTARTABLE_KEYS = (
     "data.tfds_dir",
 )
 # Keys that describe the recipe around the runs (which runs, which seeds), not what one run trains.
-RECIPE_KEYS = ("pipeline", *SHORTCUTS)
+RECIPE_KEYS = ("pipeline", "study", *SHORTCUTS)
 
 
 class ConfigError(UserInputError):
@@ -108,6 +110,13 @@ def default_config() -> ml_collections.ConfigDict:
     config.data.split = ""  # the dataset's split choice ("" = its default, e.g. MSRVTT "full")
     config.data.root_feat_folder = ""  # "" = the dataset's (high-quality/structured-symlinks)
     config.data.denoising = ""  # "" | less100 | less80: caption masks (and the less80 train list)
+    # A mask file in the release format ({video: 0/1 per caption}, tt_jax/data/caption_masks.py)
+    # applied to the training split, e.g. the one the recipe's denoising stage writes.
+    config.data.caption_masks = ""
+    # Train on a seeded fraction of the training videos (nested: one seed's 0.25 lies inside its 0.5);
+    # the recipe's teachers train on the same fraction.
+    config.data.train_fraction = 1.0
+    config.data.train_fraction_seed = 0
     config.data.feature_dtype = "float32"  # float16 halves host memory
     config.data.expert_files = {}  # {expert: file under the feature root} replacing the dataset's
     # source "tfds": the folder holding the release prepared by `python -m tt_jax.prepare`.
@@ -145,6 +154,15 @@ def default_config() -> ml_collections.ConfigDict:
     # An empty list trains on the ranking loss alone.
     config.distillation.terms = [dict(method="teachtext")]
 
+    # Caption denoising from teacher ranks (tt_jax/denoising.py): the recipe's denoising stage ranks
+    # every training caption against every training video with the teachers, and the students
+    # sample only the captions whose video is ranked within the top max_rank (unset: every caption).
+    config.denoising = ml_collections.ConfigDict()
+    config.denoising.max_rank = ml_collections.config_dict.placeholder(int)
+    config.denoising.rule = "aggregate"  # aggregate (Phi's rank) | any (drop if any teacher's rank > R) | all
+    config.denoising.aggregation = "mean"  # Phi over the teachers' similarities: mean | min | max
+    config.denoising.ties = "optimistic"  # optimistic | average (CE's tie-break)
+
     # The run's teachers (see the module docstring): the distilled student reads every entry; the
     # recipe trains the "recipe" ones first; the baseline student reads none.
     config.teachers = []
@@ -152,6 +170,13 @@ def default_config() -> ml_collections.ConfigDict:
     config.pipeline.seeds = (0, 1, 2)  # student seeds (paper tables: mean ± std over seeds)
     config.pipeline.teacher_seed = 0
     config.pipeline.stages = PIPELINE_STAGES
+    # Where the "recipe" teachers are trained: "" = <workdir>/teachers/<name>; a folder shared by
+    # several recipes (an ablation study's variants) keeps each teacher in <folder>/<name>-<digest of
+    # its run identity>, so recipes whose teachers are the same run train them once.
+    config.pipeline.teachers_dir = ""
+    # An ablation study (tt_jax/ablate.py): dict(name, variants=[dict(name, changes={"key": value})],
+    # plot="bars" | "lines", x_label=...); empty for the recipe alone.
+    config.study = ml_collections.ConfigDict()
     return config
 
 
@@ -307,6 +332,14 @@ def check_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
         )
     if not merged.model:
         raise ConfigError("config.model is empty: describe the student (see configs/demo.py)")
+    fraction = merged.data.train_fraction
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+        raise ConfigError(f"data.train_fraction must lie in (0, 1] (the share of training videos kept), got {fraction!r}")
+    if DenoisingSettings.from_config(merged) is not None and merged.data.denoising:
+        raise ConfigError(
+            f"denoising.max_rank makes the run's own caption masks and data.denoising reads the release's "
+            f"({merged.data.denoising!r}); choose one"
+        )
     teacher_entries(merged)
     distillation_terms(merged)
     return merged
@@ -381,6 +414,10 @@ def run_identity(config: Any) -> dict[str, Any]:
         }
         for entry in teacher_entries(config)
     ]
+    if plain.get("denoising", {}).get("max_rank") is not None:
+        # The recipe's masks follow from the teachers and the denoising settings, both part of the
+        # identity; where the recipe keeps the file is not (a recipe's workdir can move).
+        plain.get("data", {}).pop("caption_masks", None)
     distillation = plain.setdefault("distillation", {})
     if "terms" not in distillation:  # a config saved before the terms existed
         old = {key: distillation.pop(key) for key in _LEGACY_DISTILLATION if key in distillation}
@@ -426,6 +463,13 @@ def _term_setting_default(identity: Mapping[str, Any], key: str) -> Any:
         field = Schedule.__dataclass_fields__.get(setting.removeprefix("schedule."))
         return _NOT_SET if field is None else field.default
     return method.settings.get(setting, _NOT_SET)
+
+
+def identity_digest(identity: Mapping[str, Any]) -> str:
+    """A short name of a run identity that stays the same when a key is added to tt_jax at its
+    default (only the settings that differ from their defaults are hashed)."""
+    kept = {key: value for key, value in identity.items() if value != _default_of(key)}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:10]
 
 
 def identity_differences(saved: Mapping[str, Any], current: Mapping[str, Any], limit: int = 20) -> str:

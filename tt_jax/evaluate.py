@@ -16,7 +16,7 @@ chunking and sharding change nothing), the [V*K, V] similarity matrix is built o
 from __future__ import annotations
 
 import functools
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import jax
 import jax.numpy as jnp
@@ -95,18 +95,24 @@ class Evaluator:
         host = ({name: experts[name] for name in names}, {name: availability[name] for name in names}, text)
         return parallel.shard_host_arrays(host, self.mesh)
 
+    def embedding_chunks(self, variables: Any) -> Iterator[tuple[int, Embeddings]]:
+        """(first video, Embeddings of chunk_videos videos) for each chunk of the split, in order;
+        the last chunk is padded with repeated rows (its rows past the split's end are not videos)."""
+        for start in range(0, self.store.num_videos, self.chunk_videos):
+            yield start, self._embed(variables, *self._chunk_inputs(start))
+
     def embed(self, variables: Any) -> Embeddings:
         """Embeddings of every video and caption slot of the split (device arrays, V rows)."""
-        chunks = [
-            self._embed(variables, *self._chunk_inputs(start))
-            for start in range(0, self.store.num_videos, self.chunk_videos)
-        ]
-        return _joined(chunks, self.store.num_videos)
+        return _joined([chunk for _, chunk in self.embedding_chunks(variables)], self.store.num_videos)
+
+    def similarity(self, variables: Any) -> jax.Array:
+        """The [V*K, V] similarity matrix on device (row v*K + k is caption k of video v)."""
+        return self._similarity(self.embed(variables))
 
     def run(self, variables: Any, *, return_similarity: bool = False) -> dict:
         """{"t2v": metrics, "v2t": metrics} (plus "similarity" [V*K, V] as numpy when asked;
         row v*K + k is caption k of video v)."""
-        sims = self._similarity(self.embed(variables))
+        sims = self.similarity(variables)
         result = dict(metrics.retrieval_metrics(sims, self.query_masks))
         if return_similarity:
             result["similarity"] = np.asarray(jax.device_get(sims))

@@ -8,35 +8,15 @@ to change), 143 stopped by SIGTERM after saving (rerun the command to resume).
 """
 
 import os
-import pathlib
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-_DEFAULT_CONFIG = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "demo.py")
+from tt_jax.cli import DEFAULT_CONFIG, EXIT_BAD_INPUT, EXIT_PREEMPTED, parse_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Experiment config file.", lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Experiment config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Where checkpoints, metrics and the report are written.")
-
-EXIT_BAD_INPUT = 2
-EXIT_PREEMPTED = 143  # 128 + SIGTERM, what a shell reports for a terminated command
-
-
-def _parse_flags(argv: list[str]) -> list[str]:
-    """absl flag parsing, with config errors (unknown keys, wrong types) as one line and exit 2."""
-    try:
-        return flags.FLAGS(argv)
-    except flags.Error as error:
-        message = str(error)
-    except (KeyError, AttributeError, TypeError, ValueError) as error:  # raised by config overrides
-        message = str(error).strip("\"'")
-    if "--config" in message or "config" in " ".join(argv):
-        from tt_jax.config import default_config
-
-        message += f"\nvalid top-level config keys: {sorted(default_config().keys())}"
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(EXIT_BAD_INPUT)
 
 
 def main(argv: list[str]) -> int:
@@ -70,4 +50,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(app.run(main, flags_parser=_parse_flags))
+    sys.exit(app.run(main, flags_parser=parse_flags))

@@ -1,6 +1,8 @@
 """The TeachText recipe from one config: teachers, the distilled student, the baseline, a report.
 
     <workdir>/teachers/<name>/                one run per "recipe" teacher of config.teachers
+    <workdir>/denoising/denoise-less<R>.pkl   with config.denoising.max_rank: the captions the
+                                              teachers rank within the top R (release format)
     <workdir>/student_teachtext/seed_<s>/     the student distilled from every teacher
     <workdir>/student_baseline/seed_<s>/      the same student without distillation
     <workdir>/report.json, report.md          every model's val and test metrics, mean ± std
@@ -15,21 +17,35 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 from etils import epath
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import jax
 import ml_collections
 from absl import logging
 
-from tt_jax import reporting, train
-from tt_jax.config import ConfigError, TeacherEntry, check_config, teacher_entries, teacher_model_config
+from tt_jax import combined_teachers, parallel, reporting, train
+from tt_jax.config import (
+    ConfigError,
+    TeacherEntry,
+    check_config,
+    default_config,
+    identity_digest,
+    run_identity,
+    teacher_entries,
+    teacher_model_config,
+)
+from tt_jax.data.caption_masks import write_caption_masks
 from tt_jax.data.sources import DataNeeds, load_splits
+from tt_jax.data.training_split import training_store
+from tt_jax.denoising.settings import DenoisingSettings
 from tt_jax.host_memory import release_finished_run
-from tt_jax.trained import checked_workdir, read_results
+from tt_jax.trained import checked_workdir, read_results, write_json
 
 STUDENT_TEACHTEXT = "student_teachtext"
 STUDENT_BASELINE = "student_baseline"
+DENOISING_FOLDER = "denoising"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +82,7 @@ def _run_config(config: ml_collections.ConfigDict, changes: Mapping[str, Any]) -
 
 def teacher_config(config: ml_collections.ConfigDict, entry: TeacherEntry) -> ml_collections.ConfigDict:
     """The run config that trains the "recipe" teacher `entry` (the student's model with its
-    model_changes, reading its text embedding, without teachers of its own)."""
+    model_changes, reading its text embedding, without teachers of its own, on every caption)."""
     return _run_config(
         config,
         {
@@ -75,8 +91,25 @@ def teacher_config(config: ml_collections.ConfigDict, entry: TeacherEntry) -> ml
             "data.text_embedding": entry.text_embedding,
             "teachers": [],
             "distillation.terms": [],
+            "denoising": default_config().denoising,
         },
     )
+
+
+def teacher_workdir(config: ml_collections.ConfigDict, workdir: epath.Path, entry: TeacherEntry) -> epath.Path:
+    """Where the recipe trains the "recipe" teacher `entry`: <workdir>/teachers/<name>, or, with
+    pipeline.teachers_dir, <teachers_dir>/<name>-<digest of the teacher's run identity> (shared
+    by every recipe whose teacher is the same run)."""
+    if not config.pipeline.teachers_dir:
+        return workdir / "teachers" / entry.name
+    identity = run_identity(check_config(teacher_config(config, entry)))
+    return epath.Path(config.pipeline.teachers_dir) / f"{entry.name}-{identity_digest(identity)}"
+
+
+def masks_path(config: ml_collections.ConfigDict, workdir: epath.Path) -> Optional[epath.Path]:
+    """The denoising stage's mask file, or None when the config does not denoise."""
+    settings = DenoisingSettings.from_config(config)
+    return None if settings is None else workdir / DENOISING_FOLDER / f"{settings.file_stem}.pkl"
 
 
 def student_config(
@@ -84,14 +117,16 @@ def student_config(
 ) -> ml_collections.ConfigDict:
     """The run config of a student: every teacher of the list ("recipe" ones read from their runs
     in `workdir/teachers/`) and the distillation terms, or neither for the baseline."""
+    masks = masks_path(config, workdir)
+    changes = {"data.caption_masks": str(masks)} if masks is not None else {}
     if not distilled:
-        return _run_config(config, {"seed": seed, "teachers": [], "distillation.terms": []})
+        return _run_config(config, {**changes, "seed": seed, "teachers": [], "distillation.terms": []})
     teachers = []
     for entry in _entries(config):
         if entry.source == "recipe":
-            entry = dataclasses.replace(entry, path=str(workdir / "teachers" / entry.name))
+            entry = dataclasses.replace(entry, path=str(teacher_workdir(config, workdir, entry)))
         teachers.append(entry.to_dict())
-    return _run_config(config, {"seed": seed, "teachers": teachers})
+    return _run_config(config, {**changes, "seed": seed, "teachers": teachers})
 
 
 def recipe_runs(config: ml_collections.ConfigDict, workdir: epath.Path) -> list[RecipeRun]:
@@ -100,7 +135,7 @@ def recipe_runs(config: ml_collections.ConfigDict, workdir: epath.Path) -> list[
     for entry in _entries(config):
         if entry.source == "recipe":
             runs.append(
-                RecipeRun("teachers", entry.name, config.pipeline.teacher_seed, workdir / "teachers" / entry.name,
+                RecipeRun("teachers", entry.name, config.pipeline.teacher_seed, teacher_workdir(config, workdir, entry),
                           teacher_config(config, entry))
             )
     for stage, distilled in ((STUDENT_TEACHTEXT, True), (STUDENT_BASELINE, False)):
@@ -127,9 +162,86 @@ def recipe_data_needs(runs: list[RecipeRun]) -> DataNeeds:
     return DataNeeds.of(readers, precomputed)
 
 
-def run(config: ml_collections.ConfigDict, workdir) -> dict:
-    """Runs the selected stages and writes the report; returns {model: {split: {seed: metrics}},
-    "num_parameters"} of every finished run (the input of `tt_jax.reporting.write_report`)."""
+def _teachers_identity(config: ml_collections.ConfigDict, workdir: epath.Path, live_only: bool = False) -> dict:
+    """What a result computed from the teachers follows from: the data and each teacher (a
+    "recipe" teacher by its run identity)."""
+    student = student_config(config, workdir, config.pipeline.seeds[0], distilled=True)
+    data = {key: value for key, value in run_identity(student).items() if key.startswith("data.")}
+    teachers = [
+        run_identity(check_config(teacher_config(config, entry))) if entry.source == "recipe" else entry.to_dict()
+        for entry in _entries(config)
+        if entry.is_live or not live_only
+    ]
+    return {"data": data, "teachers": teachers}
+
+
+def _masks_identity(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict:
+    """What the denoising masks follow from: the settings, the training data and the teachers."""
+    return {"settings": DenoisingSettings.from_config(config).to_dict(), **_teachers_identity(config, workdir)}
+
+
+def _combined_teachers(config: ml_collections.ConfigDict, workdir: epath.Path) -> Optional[tuple[list, dict]]:
+    """(live teacher entries with their paths, identity) of the teachers evaluated as one model,
+    or None when fewer than two live teachers."""
+    student = student_config(config, workdir, config.pipeline.seeds[0], distilled=True)
+    entries = [entry for entry in teacher_entries(student) if entry.is_live]
+    if len(entries) < 2:
+        return None
+    return entries, {**_teachers_identity(config, workdir, live_only=True), "aggregation": combined_teachers.aggregation_of(config)}
+
+
+def _summary_path(masks: epath.Path) -> epath.Path:
+    return masks.with_suffix(".json")
+
+
+def masks_are_current(config: ml_collections.ConfigDict, workdir: epath.Path) -> bool:
+    """Whether the denoising stage's masks exist and were made for this config."""
+    masks = masks_path(config, workdir)
+    summary = _summary_path(masks)
+    if not (masks.is_file() and summary.is_file()):
+        return False
+    saved = json.loads(summary.read_text()).get("identity")
+    return json.loads(json.dumps(saved, sort_keys=True)) == json.loads(json.dumps(_masks_identity(config, workdir), sort_keys=True))
+
+
+def denoising_stage(config: ml_collections.ConfigDict, workdir: epath.Path, stores: Mapping[str, Any]) -> dict:
+    """Ranks the training captions with the distilled student's teachers and writes the masks,
+    the training list and a summary (fraction of captions dropped, videos dropped); returns the
+    summary. Masks made for this config already are kept."""
+    from tt_jax.denoising.ranks import denoise  # imports the models
+    from tt_jax.teachers import load_teachers
+
+    masks = masks_path(config, workdir)
+    if masks_are_current(config, workdir):
+        logging.info("denoising: %s is up to date", masks)
+        return json.loads(_summary_path(masks).read_text())
+    if masks.is_file():
+        logging.warning("denoising: %s was made for another config (settings, data or teachers); making it again", masks)
+    settings = DenoisingSettings.from_config(config)
+    student = check_config(student_config(config, workdir, config.pipeline.seeds[0], distilled=True))
+    with student.unlocked():
+        student.data.caption_masks = ""
+    store = training_store(student.data, stores["train"])  # the fraction the students train on
+    mesh = parallel.make_mesh()
+    teachers, variables = load_teachers(student, teacher_entries(student), store, parallel.replicated(mesh))
+    with jax.default_matmul_precision(config.train.matmul_precision):
+        result = denoise(teachers, variables, store, settings, mesh=mesh, chunk_videos=config.train.eval_chunk_videos)
+    del variables
+    summary = {**result.summary, "identity": _masks_identity(config, workdir)}
+    logging.info(
+        "denoising (max_rank %d, rule %s): %d of %d training captions dropped (%.1f%%), %d of %d videos left with none",
+        settings.max_rank, settings.rule, summary["captions"] - summary["captions_kept"], summary["captions"],
+        100 * summary["fraction_dropped"], summary["videos_dropped"], summary["training_videos"],
+    )
+    if jax.process_index() == 0:
+        write_caption_masks(masks, store.video_ids, result.keep, store.caption_mask)
+        write_json(_summary_path(masks), summary)
+    return summary
+
+
+def check_recipe(config: ml_collections.ConfigDict, workdir) -> list[RecipeRun]:
+    """Everything that can be checked of a recipe before any data is loaded (its config, every
+    run's terms, the denoising settings); returns its runs."""
     config = check_config(config)
     workdir = checked_workdir(workdir)
     stages = set(config.pipeline.stages)
@@ -138,23 +250,76 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
             "the student_teachtext stage trains the distilled student, and config.distillation.terms is empty: "
             "list its terms, or leave the stage out of pipeline.stages"
         )
+    if DenoisingSettings.from_config(config) is not None and not config.teachers:
+        raise ConfigError("denoising ranks the training captions with the teachers, and config.teachers is empty")
     runs = recipe_runs(config, workdir)
+    for recipe_run in runs:
+        if recipe_run.stage in stages and not _is_finished(recipe_run):
+            train.check_run_before_loading(recipe_run.config)
+    return runs
+
+
+def run(config: ml_collections.ConfigDict, workdir, *, stores: Optional[Mapping[str, Any]] = None) -> dict:
+    """Runs the selected stages and writes the report; returns {model: {split: {seed: metrics}},
+    "num_parameters"} of every finished run (the input of `tt_jax.reporting.write_report`).
+
+    stores: the split stores, holding what `recipe_data_needs` of the runs asks for (an ablation
+    study loads them once for all its recipes); None loads them from `config.data` if needed.
+    """
+    runs = check_recipe(config, workdir)
+    config = check_config(config)
+    workdir = checked_workdir(workdir)
+    stages = set(config.pipeline.stages)
+    denoising = DenoisingSettings.from_config(config)
     selected = [run for run in runs if run.stage in stages]
     to_train = [run for run in selected if not _is_finished(run)]
-    for recipe_run in to_train:  # every run's terms, before the first run trains
-        train.check_terms_before_loading(recipe_run.config)
+    students_to_train = [run for run in to_train if run.stage != "teachers"]
+    make_masks = denoising is not None and "denoising" in stages and (
+        students_to_train or not masks_are_current(config, workdir)
+    )
+    if denoising is not None and students_to_train and not make_masks and not masks_are_current(config, workdir):
+        raise ConfigError(
+            f"the students read the denoising masks {masks_path(config, workdir)}, which the denoising stage has "
+            "not made for this config; add 'denoising' to pipeline.stages"
+        )
     # One copy of the data for every run (a release can take most of host memory), holding what
     # any run of the recipe reads (whichever stages run, so the data is always the same); finished
     # runs only check their results, so nothing is loaded when every run has finished.
-    stores = load_splits(config.data, recipe_data_needs(runs)) if to_train else None
+    combined = _combined_teachers(config, workdir) if "teachers" in stages else None
+    make_combined = combined is not None and not combined_teachers.is_current(workdir, combined[1])
+    if stores is None and (to_train or make_masks or make_combined):
+        stores = load_splits(config.data, recipe_data_needs(runs))
+
+    def after_teachers() -> None:
+        if make_combined:  # the teachers as one model: Phi of their similarity matrices
+            combined_teachers.combined_teachers_stage(config, combined[0], combined[1], workdir, stores)
+        if make_masks:  # rank the captions with the trained teachers
+            denoising_stage(config, workdir, stores)
+
+    pending = True
     for recipe_run in selected:
+        if pending and recipe_run.stage != "teachers":
+            after_teachers()
+            pending = False
         logging.info("%s: %s (seed %s) in %s", recipe_run.stage, recipe_run.name, recipe_run.seed, recipe_run.workdir)
         train.train_and_evaluate(recipe_run.config, recipe_run.workdir, stores=stores)
         release_finished_run()  # each run starts from what the recipe holds: the stores
+    if pending:
+        after_teachers()
     del stores
 
     results: dict = {}
+    combined_results = read_results(workdir / combined_teachers.COMBINED_TEACHERS) if combined is not None else None
+    if combined_results is not None and not combined_teachers.is_current(workdir, combined[1]):
+        combined_results = None  # made for other teachers: not this recipe's
     for recipe_run in runs:
+        if combined_results is not None and recipe_run.stage != "teachers":  # after the teachers in the report
+            results[combined_teachers.COMBINED_TEACHERS] = {
+                "num_parameters": combined_results["num_parameters"],
+                **{split: {config.pipeline.teacher_seed: combined_results[split]}
+                   for split in ("val", "test") if split in combined_results},
+            }
+            combined_results = None
         finished = read_results(recipe_run.workdir)
         if finished is None:
             continue

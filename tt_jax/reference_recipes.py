@@ -11,6 +11,12 @@ colon of `--config configs/<dataset>.py:<arg>`: comma-separated words choosing
                    trained first by the recipe; TeachText Fig. 10a)
     denoising      less100 | less80 (caption masks; less80 also swaps the training list)
     the split      any of the dataset's split choices (MSRVTT: full, jsfusion, miech)
+    TeachVideo     teachvideo: the student reads one expert (TEACHVIDEO_EXPERT); live teachers
+                   read every expert of the variant, and a video teacher (that model reading
+                   the student's text) joins them unless one of them is it already
+                   (tt_ce_plus's gpt2-xl-finetune teacher): one Phi pool of text and video
+                   teachers (TeachText Fig 7b)
+    teacher arch   moee_teachers: the live text teachers are MoEE models (TeachText Fig 11)
 
 Variants (`teachtext_ce_spec.md` section 6; configs/<ds>/*.json of the reference):
   moee        MoEE: the CE experts and text feature, no collaborative gating;
@@ -37,6 +43,9 @@ from tt_jax.data.release_layout import DATASETS, DENOISING, TEACHER_FILES
 from tt_jax.interop.reference_config import TEXT_EMBEDDING_DIMS, VLAD_EXPERT_TOKEN_DIMS
 
 MODELS = ("tt_ce_plus", "tt_ce", "ce_plus", "ce", "moee", "cecap", "ttcap")
+# The student's one expert in the teachvideo variant: a per-frame appearance expert, the cheapest
+# kind to extract at test time. The paper does not say which subsets its Fig 7b used (spec section 9).
+TEACHVIDEO_EXPERT = "imagenet.senet154.0"
 TEACHER_SOURCES = ("live", "precomputed", "self")
 
 # Input dims of the fixed experts: feat_aggregation feat_dims["embed"] in base_config.json.
@@ -131,10 +140,13 @@ def _parse(arg: Optional[str], settings: DatasetSettings) -> dict:
             choice["denoising"] = word
         elif word in layout.splits:
             choice["split"] = word
+        elif word in ("teachvideo", "moee_teachers"):
+            choice[word] = True
         else:
             raise ValueError(
                 f"configs/{settings.dataset}.py: unknown variant {word!r}; choose from models {list(MODELS)}, "
-                f"teachers {list(TEACHER_SOURCES)}, denoising {list(DENOISING)}, splits {list(layout.splits)}"
+                f"teachers {list(TEACHER_SOURCES)}, denoising {list(DENOISING)}, splits {list(layout.splits)}, "
+                "and teachvideo, moee_teachers"
             )
     return choice
 
@@ -211,6 +223,27 @@ def release_config(settings: DatasetSettings, arg: Optional[str] = None) -> ml_c
             for embedding in TEACHER_FILES
         ]
         terms.append(dict(method="teachtext"))
+    if choice.get("moee_teachers"):
+        live = [entry for entry in config.teachers if entry["source"] == "recipe"]
+        if not live or choice["teachers"] == "self":
+            raise ValueError(f"configs/{settings.dataset}.py: moee_teachers changes the live text teachers of tt_ce_plus, "
+                             "tt_ce or ttcap (with live teachers)")
+        for entry in live:
+            entry["model_changes"] = {**entry.get("model_changes", {}), "collaborative_gating": False}
+    if choice.get("teachvideo"):
+        every_expert = [dict(expert) for expert in config.model.experts]
+        if TEACHVIDEO_EXPERT not in [expert["name"] for expert in every_expert]:
+            raise ValueError(f"configs/{settings.dataset}.py: the {model_name!r} experts have no {TEACHVIDEO_EXPERT!r}")
+        for entry in config.teachers:
+            if entry["source"] == "recipe":
+                entry["model_changes"] = {**entry.get("model_changes", {}), "experts": every_expert}
+        if not any(entry["source"] == "recipe" and entry["text_embedding"] == text_name for entry in config.teachers):
+            # (a live teacher reading the student's text and every expert is the video teacher already)
+            config.teachers = [*config.teachers, dict(name="teacher_video", source="recipe", text_embedding=text_name,
+                                                      model_changes=dict(experts=every_expert))]
+        config.model.experts = [expert for expert in every_expert if expert["name"] == TEACHVIDEO_EXPERT]
+        if not any(term["method"] == "teachtext" for term in terms):
+            terms.insert(0, dict(method="teachtext"))
     if with_captions:
         terms.append(dict(method="caption", temperature=settings.caption_temperature))
     config.distillation.terms = terms

@@ -38,7 +38,9 @@ from tt_jax.checkpoint import Checkpointer
 from tt_jax.config import TeacherEntry, check_config, run_identity, teacher_entries
 from tt_jax.data import sampler
 from tt_jax.data.feature_store import FeatureStore
-from tt_jax.data.sources import DataNeeds, load_splits
+from tt_jax.data.sources import DataNeeds, check_experts_in_data, load_splits
+from tt_jax.data.training_split import training_store
+from tt_jax.denoising.settings import DenoisingSettings
 from tt_jax.errors import UserInputError
 from tt_jax.evaluate import Evaluator
 from tt_jax.metrics import METRIC_NAMES
@@ -116,18 +118,21 @@ def data_needs(config: Any, entries: Optional[list[TeacherEntry]] = None) -> Dat
     return DataNeeds.of(*data_readers(config, entries))
 
 
-def check_terms_before_loading(config: Any) -> None:
-    """What can be checked of the run's terms from its config alone (teachers present and read,
-    k within the batch, live teachers' embedding dimensions), so that a recipe stops before its
-    first run rather than at the student's."""
+def check_run_before_loading(config: Any) -> None:
+    """What can be checked of a run from its config alone, so that a recipe stops before its
+    first run rather than at the student's: every model's experts are in the dataset, and the
+    terms' needs (teachers present and read, k within the batch, live teachers' embedding
+    dimensions)."""
     model_config = model_config_of(config)
-    teacher_dims = {}
+    models, teacher_dims = {"the student": model_config}, {}
     for entry in teacher_entries(config):
         if entry.is_live:
             teacher = live_model_config(config, entry)
+            models[f"teacher {entry.name!r}"] = teacher
             teacher_dims[entry.name] = {expert.name: teacher.embedding_dim(expert) for expert in teacher.experts}
         else:
             teacher_dims[entry.name] = None  # known once its release file is loaded
+    check_experts_in_data(config.data, models)
     check_terms_for_run(
         distillation_terms(config),
         num_teachers=len(teacher_dims),
@@ -279,7 +284,12 @@ def train_and_evaluate(
         if finished.get("num_epochs") == config.train.num_epochs:
             logging.info("%s has finished; reading its results", workdir)
             return finished
-    check_terms_before_loading(config)
+    check_run_before_loading(config)
+    if DenoisingSettings.from_config(config) is not None and not config.data.caption_masks:
+        raise UserInputError(
+            "denoising.max_rank is set, and the masks it describes are made by the recipe's denoising stage "
+            "(python -m tt_jax.main); for a single run, give the mask file as data.caption_masks"
+        )
     with Checkpointer(workdir, identity=identity) as checkpointer:
         checkpointer.check_identity()
         with jax.default_matmul_precision(config.train.matmul_precision):
@@ -300,7 +310,7 @@ def _train(
     for split in ("train", "val"):
         if split not in stores:
             raise UserInputError(f"the data has no {split!r} split (it has {sorted(stores)}); training needs train and val")
-    train_store = stores["train"]
+    train_store = training_store(config.data, stores["train"])  # its fraction and denoising masks
 
     # ---- mesh, model, optimiser and the train state, created where it lives --------------------
     model_config = model_config_of(config)

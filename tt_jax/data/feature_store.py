@@ -277,6 +277,33 @@ class FeatureStore:
         """[V, K] float64, 1 where the slot holds a caption (the metrics' query_masks)."""
         return (next(iter(self.text.values())).lengths > 0).astype(np.float64)
 
+    def select(self, rows: Sequence[int], caption_weights: Optional[np.ndarray] = None) -> "FeatureStore":
+        """The store of videos `rows` (in that order), e.g. a fraction of the training split or the
+        videos a denoising mask keeps. Token arrays are shared, not copied; `caption_weights`
+        ([len(rows), K]) replace the selected rows' weights when given."""
+        rows = np.asarray(rows, np.int64)
+        if rows.ndim != 1 or (rows.size and (rows.min() < 0 or rows.max() >= self.num_videos)):
+            raise FeatureStoreError(f"select: rows must be indices of the store's {self.num_videos} videos")
+        if caption_weights is None and self.caption_weights is not None:
+            caption_weights = self.caption_weights[rows]
+        teachers = None
+        if self.teacher_embeddings is not None:
+            teachers = {
+                name: {part: {expert: array[rows] for expert, array in arrays.items()} for part, arrays in teacher.items()}
+                for name, teacher in self.teacher_embeddings.items()
+            }
+        return FeatureStore(
+            video_ids=tuple(self.video_ids[row] for row in rows),
+            experts={name: array[rows] for name, array in self.experts.items()},
+            availability={name: array[rows] for name, array in self.availability.items()},
+            text={
+                name: TokenTable(tokens=table.tokens, starts=table.starts[rows], lengths=table.lengths[rows])
+                for name, table in self.text.items()
+            },
+            caption_weights=caption_weights,
+            teacher_embeddings=teachers,
+        )
+
     @property
     def sampling_weights(self) -> np.ndarray:
         """[V, K] weights the sampler draws captions with: the denoising weights, or the caption mask."""

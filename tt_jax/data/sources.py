@@ -16,10 +16,11 @@ import dataclasses
 import functools
 import inspect
 import json
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from tt_jax.data.feature_store import FeatureStore
 from tt_jax.data.release import ReleaseRequest, read_release
+from tt_jax.data.release_layout import DATASETS
 from tt_jax.data.synthetic import make_synthetic_dataset
 from tt_jax.errors import UserInputError
 from tt_jax.models.config import ExpertConfig, as_model_config
@@ -89,6 +90,23 @@ def _synthetic_stores(data_config: Any, needs: DataNeeds) -> dict[str, FeatureSt
         "text_max_tokens": max(needs.text_max_tokens.values()),
     }
     return _synthetic(json.dumps(shape, sort_keys=True), json.dumps(parameters, sort_keys=True))
+
+
+def check_experts_in_data(data_config: Any, models: Mapping[str, Any]) -> None:
+    """Every expert a model reads ({who: model config}, e.g. a TeachVideo teacher reading more
+    experts than the student) must be one the dataset has: for a release, a file of its layout
+    or of data.expert_files (synthetic data generates whatever experts the models read)."""
+    if data_config.get("source") not in ("release", "tfds") or data_config.get("dataset") not in DATASETS:
+        return  # synthetic data; an unknown dataset is reported by the reader
+    layout = DATASETS[data_config["dataset"]]
+    known = set(layout.expert_files) | set(_plain(data_config.get("expert_files") or {}))
+    for who, model in models.items():
+        unknown = [expert.name for expert in as_model_config(model).experts if expert.name not in known]
+        if unknown:
+            raise DataConfigError(
+                f"{who} reads the experts {unknown}, which the {layout.name} release does not have; it has "
+                f"{sorted(known)} (name a file for another expert with data.expert_files)"
+            )
 
 
 def release_request(data_config: Any, needs: DataNeeds) -> ReleaseRequest:

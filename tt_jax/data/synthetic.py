@@ -8,6 +8,8 @@ A small generative "world" stands in for videos, captions and feature extractors
   experts as a short noisy token sequence of random length; flaky experts are missing for a
   fraction of videos (zero rows, availability 0).
 * Every caption has a latent `z = c + caption_noise * noise`: captions are noisy views of their video.
+  With `wrong_caption_rate` > 0, that share of the training captions describe another video
+  instead (label noise, what TeachText's denoising removes); validation and test stay clean.
 * A text embedding of quality q in (0, 1] turns a caption into tokens: a fixed random projection of
   `z` to its D_t token dims, scaled by sqrt(q); plus a nuisance vector of the caption (its wording
   as that embedding encodes it), N(0, (1 - q) I) and the same for every token of the caption; plus
@@ -105,7 +107,7 @@ def _check_parameters(text_embeddings: Mapping, **values) -> None:
         raise SyntheticDataError(
             f"min_text_tokens {values['min_text_tokens']} exceeds max_text_tokens {values['max_text_tokens']}"
         )
-    for name in ("missing_rate", "missing_caption_rate"):
+    for name in ("missing_rate", "missing_caption_rate", "wrong_caption_rate"):
         if not 0 <= values[name] < 1:
             raise SyntheticDataError(f"{name} must lie in [0, 1), got {values[name]}")
     for name in ("caption_noise", "expert_noise", "token_noise", "topic_spread"):
@@ -196,6 +198,7 @@ def _make_split(
     topic_spread: float,
     missing_rate: float,
     missing_caption_rate: float,
+    wrong_caption_rate: float,
     min_text_tokens: int,
     max_text_tokens: int,
 ) -> FeatureStore:
@@ -215,6 +218,12 @@ def _make_split(
     counts = 1 + rng.binomial(captions_per_video - 1, 1 - missing_caption_rate, size=num_videos)
     has_caption = np.arange(captions_per_video) < counts[:, None]  # [V, K]
     caption_latents = concepts[:, None, :] + caption_noise * rng.normal(size=shape + (latent_dim,))  # [V, K, L]
+    if wrong_caption_rate > 0 and num_videos > 1:
+        rng = _rng(*split_key, "wrong captions")  # its own stream: the clean captions stay as they were
+        wrong = rng.uniform(size=shape) < wrong_caption_rate  # [V, K]
+        other = rng.integers(num_videos - 1, size=shape)
+        other += other >= np.arange(num_videos)[:, None]  # another video than its own
+        caption_latents = np.where(wrong[..., None], caption_latents - concepts[:, None, :] + concepts[other], caption_latents)
 
     text = {}
     for name in sorted(text_embeddings):
@@ -254,6 +263,7 @@ def make_synthetic_dataset(
     topic_spread: float = 1.0,
     missing_rate: float = 0.3,
     missing_caption_rate: float = 0.0,
+    wrong_caption_rate: float = 0.0,
     caption_noise: float = 0.5,
     expert_noise: float = 0.5,
     token_noise: float = 1.0,
@@ -281,6 +291,8 @@ def make_synthetic_dataset(
     missing_rate: fraction of videos a flaky expert is missing for (if every expert is flaky,
       a video missing all of them gets one back, so the rate is then slightly lower).
     missing_caption_rate: probability that each caption slot after the first is empty.
+    wrong_caption_rate: probability that a training caption is drawn from another random video's
+      concept (a mislabelled caption); it changes no other array of the dataset.
     """
     config = as_model_config(model_config_like)
     max_text_tokens = config.text_max_tokens if max_text_tokens is None else max_text_tokens
@@ -293,6 +305,7 @@ def make_synthetic_dataset(
         min_text_tokens=min_text_tokens,
         missing_rate=missing_rate,
         missing_caption_rate=missing_caption_rate,
+        wrong_caption_rate=wrong_caption_rate,
         topic_spread=topic_spread,
         **noise,
     )
@@ -318,6 +331,7 @@ def make_synthetic_dataset(
             topic_spread=topic_spread,
             missing_rate=missing_rate,
             missing_caption_rate=missing_caption_rate,
+            wrong_caption_rate=wrong_caption_rate if split == "train" else 0.0,
             min_text_tokens=min_text_tokens,
             max_text_tokens=max_text_tokens,
             **noise,
