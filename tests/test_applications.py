@@ -205,3 +205,37 @@ def test_a_fraction_outside_zero_to_one_is_refused(fraction):
     config.data.train_fraction = fraction
     with pytest.raises(ConfigError, match="train_fraction"):
         check_config(config)
+
+
+# -- the teachers as one model ------------------------------------------------------------------------
+
+
+def _t2v_recall_at(similarity: np.ndarray, captions_per_video: int, mask: np.ndarray, k: int) -> float:
+    """Percentage of real captions whose own video is among the k most similar (numpy, no ties)."""
+    own = np.arange(similarity.shape[0]) // captions_per_video
+    better = (similarity > similarity[np.arange(len(own)), own][:, None]).sum(axis=1)
+    real = mask.reshape(-1) > 0
+    return 100.0 * float(np.mean(better[real] < k))
+
+
+def test_the_teachers_combined_are_evaluated_as_the_mean_of_their_similarities(tmp_path):
+    from tt_jax.evaluate import evaluate
+
+    config = short(tiny_config())
+    config.teachers = [
+        dict(name="teacher_rich", source="recipe", text_embedding="rich", model_changes=dict(text_dim=8)),
+        dict(name="teacher_poor", source="recipe", text_embedding="poor"),
+    ]
+    config.pipeline.stages = ("teachers", "report")
+    results = pipeline.run(config, tmp_path)
+    assert list(results) == ["teacher_rich", "teacher_poor", "teachers_combined"]
+    stores = load_splits(check_config(config).data, pipeline.recipe_data_needs(pipeline.recipe_runs(check_config(config), tmp_path)))
+    test = stores["test"]
+    sims = [evaluate(test, workdir=tmp_path / "teachers" / name, return_similarity=True)["similarity"]
+            for name in ("teacher_rich", "teacher_poor")]
+    mean = np.mean(sims, axis=0)
+    combined = results["teachers_combined"]["test"][0]["t2v"]
+    for k in (1, 5, 10):
+        assert combined[f"R{k}"] == pytest.approx(_t2v_recall_at(mean, test.max_captions, test.caption_mask, k), abs=1e-6)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert "teachers_combined" in json.dumps(report)

@@ -12,6 +12,9 @@ The study writes <workdir>/<study>.md (the table), .json (every seed's metrics) 
 lines over a numeric setting, of the test t2v geometric mean of R1/R5/R10, mean with the standard
 deviation over seeds as error bars (TeachText paper, appendix G's figures).
 
+"Teachers as one model" is the metric of Phi of the variant's teachers' similarity matrices
+(tt_jax.combined_teachers), what its student is distilled towards.
+
 Built-in studies (`STUDIES`), named after the paper's figures: distillation_types (Fig 6b/10a),
 distances (10b), aggregation (8b), num_teachers (6a), denoising (9a), teachvideo (7b),
 train_fraction (12a) and batch_size (8a). A config can define its own in `config.study`:
@@ -41,7 +44,7 @@ from absl import app, flags, logging
 from etils import epath
 
 from tt_jax import pipeline
-from tt_jax.config import ConfigError, check_config, default_config, teacher_entries
+from tt_jax.config import check_config, default_config, run_identity, teacher_entries
 from tt_jax.data.sources import load_splits
 from tt_jax.errors import UserInputError
 from tt_jax.trained import checked_workdir, write_json
@@ -297,9 +300,15 @@ def _data_key(config: Any) -> str:
     return json.dumps(data, sort_keys=True)
 
 
-def _config_key(config: Any) -> str:
-    plain = json.loads(json.dumps(config.to_dict(), sort_keys=True, default=list))
-    return hashlib.sha256(json.dumps(plain, sort_keys=True).encode()).hexdigest()
+def _recipe_key(config: Any) -> str:
+    """Variants are the same recipe when they run the same stages and seeds and every run has
+    the same identity (a default written out is the same run)."""
+    runs = pipeline.recipe_runs(config, epath.Path("/"))
+    described = {
+        "stages": list(config.pipeline.stages),
+        "runs": [[run.stage, run.seed, run_identity(run.config)] for run in runs],
+    }
+    return hashlib.sha256(json.dumps(described, sort_keys=True, default=list).encode()).hexdigest()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -323,7 +332,7 @@ def plan_study(base: ml_collections.ConfigDict, study: Study, workdir) -> list[P
     planned, seen = [], {}
     for variant in study.variants:
         config = variant_config(base, study, variant, workdir)
-        folder = seen.setdefault(_config_key(config), workdir / study.name / variant.name.replace("/", "_"))
+        folder = seen.setdefault(_recipe_key(config), workdir / study.name / variant.name.replace("/", "_"))
         try:
             pipeline.check_recipe(config, folder)
         except UserInputError as error:
@@ -374,6 +383,7 @@ def run_study(base: ml_collections.ConfigDict, study: Study, workdir) -> dict:
             "mean": float(np.mean(values)) if values else math.nan,
             "std": float(np.std(values)) if values else math.nan,
             "denoising": _denoising_summary(item),
+            "teachers_combined": _combined(done[str(item.workdir)], split) if item.variant.student == "teachtext" else None,
         })
     summary = {"study": study.name, "title": study.title, "metric": f"t2v {METRIC}", "plot": study.plot,
                "x_label": study.x_label, "std": "population standard deviation over seeds", "variants": rows}
@@ -406,6 +416,12 @@ class _LazyStores(Mapping):
         return len(self._loaded())
 
 
+def _combined(results: Mapping[str, Any], split: str) -> Optional[float]:
+    """The variant's teachers evaluated as one model (tt_jax.combined_teachers), when it has them."""
+    seeds = results.get("teachers_combined", {}).get(split, {})
+    return float(next(iter(seeds.values()))["t2v"][METRIC]) if seeds else None
+
+
 def _denoising_summary(item: PlannedVariant) -> Optional[dict]:
     path = pipeline.masks_path(item.config, item.workdir)
     if path is None or not path.with_suffix(".json").is_file():
@@ -424,16 +440,17 @@ def study_table(summary: Mapping[str, Any]) -> str:
         "",
         f"{summary['metric']} (%) on the {summary['variants'][0]['split']} split, mean ± {summary['std']}.",
         "",
-        "| Variant | Line | x | Student | Seeds | t2v GeoM | Captions dropped |",
-        "|---|---|---|---|---|---|---|",
+        "| Variant | Line | x | Student | Seeds | t2v GeoM | Teachers as one model | Captions dropped |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in summary["variants"]:
         dropped = f"{100 * row['denoising']['fraction_dropped']:.1f}% ({row['denoising']['videos_dropped']} videos)" \
             if row.get("denoising") else ""
         x = "" if row["x"] is None else f"{row['x']:g}"
+        combined = "" if row.get("teachers_combined") is None else f"{row['teachers_combined']:.1f}"
         lines.append(
             f"| {row['variant']} | {row['line']} | {x} | {row['student']} | {len(row['seeds'])} | "
-            f"{row['mean']:.1f} ± {row['std']:.1f} | {dropped} |"
+            f"{row['mean']:.1f} ± {row['std']:.1f} | {combined} | {dropped} |"
         )
     return "\n".join(lines) + "\n"
 
