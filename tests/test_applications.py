@@ -10,7 +10,7 @@ import pytest
 
 from test_train import REPO, tiny_config
 from tt_jax import pipeline, train
-from tt_jax.config import ConfigError, check_config, run_identity
+from tt_jax.config import ConfigError, check_config, identity_differences, run_identity
 from tt_jax.data.caption_masks import read_caption_masks
 from tt_jax.data.sources import DataConfigError, load_splits
 from tt_jax.data.training_split import training_store
@@ -48,7 +48,8 @@ def denoised(tmp_path_factory):
 
 def test_the_denoising_stage_writes_masks_the_students_train_on(denoised):
     workdir, config, results = denoised
-    masks_file = workdir / "denoising" / "denoise-less8.pkl"
+    masks_file = pipeline.masks_path(check_config(config), workdir)
+    assert masks_file.name == "denoise-less8.pkl" and masks_file.parent.parent == workdir / "denoising"
     summary = json.loads(masks_file.with_suffix(".json").read_text())
     masks = read_caption_masks(masks_file)
     stores = load_splits(check_config(config).data, pipeline.recipe_data_needs(pipeline.recipe_runs(check_config(config), workdir)))
@@ -75,7 +76,7 @@ def test_the_teachers_train_on_every_caption(denoised):
 
 def test_a_rerun_keeps_the_masks_and_trains_nothing(denoised):
     workdir, config, results = denoised
-    masks_file = workdir / "denoising" / "denoise-less8.pkl"
+    masks_file = pipeline.masks_path(check_config(config), workdir)
     written = masks_file.stat().st_mtime_ns
     again = pipeline.run(config, workdir)
     assert masks_file.stat().st_mtime_ns == written
@@ -88,6 +89,33 @@ def test_where_the_recipe_keeps_its_masks_is_not_part_of_a_student_s_identity(de
     elsewhere = pipeline.student_config(check_config(config), tmp_path, 0, distilled=True)
     assert here.data.caption_masks != elsewhere.data.caption_masks
     assert run_identity(check_config(here)) == run_identity(check_config(elsewhere))
+
+
+def test_masks_of_other_teachers_are_another_baseline(denoised):
+    """The baseline reads no teacher, yet its masks come from them: other teachers, other run."""
+    workdir, config, _ = denoised
+    other = tiny_config()
+    short(other, denoising__max_rank=8)
+    other.teachers[0]["model_changes"] = dict(text_dim=8, shared_dim=4)
+    same = pipeline.student_config(check_config(config), workdir, 0, distilled=False)
+    changed = pipeline.student_config(check_config(other), workdir, 0, distilled=False)
+    assert same.data.caption_masks != changed.data.caption_masks
+    assert "data.caption_masks" in identity_differences(run_identity(check_config(same)), run_identity(check_config(changed)))
+
+
+def test_a_rerun_of_another_recipe_is_refused_before_any_stage_writes(denoised):
+    """Another teacher seed in the same workdir: the finished teacher is named before the
+    denoising stage could rewrite the masks its students came from."""
+    workdir, config, _ = denoised
+    with pytest.raises(UserInputError, match="teacher_rich.*seed"):
+        pipeline.check_recipe(_with_teacher_seed(config, 1), workdir)
+
+
+def _with_teacher_seed(config, seed):
+    changed = check_config(config)
+    with changed.unlocked():
+        changed.pipeline.teacher_seed = seed
+    return changed
 
 
 @pytest.mark.parametrize("rank", [0, -3])
@@ -239,3 +267,10 @@ def test_the_teachers_combined_are_evaluated_as_the_mean_of_their_similarities(t
         assert combined[f"R{k}"] == pytest.approx(_t2v_recall_at(mean, test.max_captions, test.caption_mask, k), abs=1e-6)
     report = json.loads((tmp_path / "report.json").read_text())
     assert "teachers_combined" in json.dumps(report)
+
+
+def test_denoising_a_dataset_of_fused_paragraphs_is_refused(tmp_path):
+    config = repo_config("activitynet")
+    config.denoising.max_rank = 40
+    with pytest.raises(ConfigError, match="fuses each video's captions"):
+        pipeline.check_recipe(config, tmp_path)

@@ -348,8 +348,15 @@ def test_settings_reject_unknown_choices(field):
 
 
 def test_settings_accept_every_valid_choice():
+    """Every rule and tie mode; the aggregation only with the rule that reads it."""
     for rule in RULES:
-        for aggregation in AGGREGATIONS:
+        for aggregation in AGGREGATIONS if rule == "aggregate" else ("mean",):
             for ties in TIES:
                 settings = DenoisingSettings(1, rule, aggregation, ties)
                 assert settings.to_dict() == {"max_rank": 1, "rule": rule, "aggregation": aggregation, "ties": ties}
+
+
+@pytest.mark.parametrize("rule", ["any", "all"])
+def test_an_aggregation_the_rule_does_not_read_is_refused(rule):
+    with pytest.raises(DenoisingError, match="leave the aggregation"):
+        DenoisingSettings(5, rule, "max")

@@ -82,8 +82,8 @@ class Study:
 # -- the built-in studies --------------------------------------------------------------------------
 
 
-def _baseline() -> Variant:
-    return Variant("baseline", {}, student="baseline", line="baseline")
+def _baseline(changes: Optional[Mapping[str, Any]] = None) -> Variant:
+    return Variant("baseline", dict(changes or {}), student="baseline", line="baseline")
 
 
 def _terms_study(name: str, title: str, terms: Mapping[str, list]) -> Callable[[Any], Study]:
@@ -118,16 +118,16 @@ _aggregation = _terms_study(
 )
 
 
-def _recipe_teachers(config: Any) -> list[dict]:
+def _teachers(config: Any) -> list[dict]:
     entries = [entry.to_dict() for entry in teacher_entries(config)]
     if not entries:
-        raise StudyError("this study varies the teachers, and the base config has none (config.teachers)")
+        raise StudyError("this study needs the base config's teachers, and it has none (config.teachers)")
     return entries
 
 
 def _num_teachers(config: Any) -> Study:
     """The first n teachers of the list, n = 1..N, in the list's order and in the reverse order."""
-    entries = _recipe_teachers(config)
+    entries = _teachers(config)
     variants = [_baseline()]
     for line, order in (("list order", entries), ("reversed order", entries[::-1])):
         for count in range(1, len(order) + 1):
@@ -141,8 +141,9 @@ DENOISING_RANKS = (5, 10, 40, 80, 100)
 
 
 def _denoising(config: Any) -> Study:
-    _recipe_teachers(config)
-    variants = [_baseline(), Variant("teachtext", {}, line="teachtext, every caption")]
+    _teachers(config)
+    every_caption = {"denoising.max_rank": None}  # also when the base config denoises
+    variants = [_baseline(every_caption), Variant("teachtext", every_caption, line="teachtext, every caption")]
     variants += [
         Variant(f"less{rank}", {"denoising.max_rank": rank}, x=rank, line="teachtext, denoised") for rank in DENOISING_RANKS
     ]
@@ -162,8 +163,12 @@ def _teachvideo(config: Any) -> Study:
         name="teacher_video", source="recipe", text_embedding=config.data.text_embedding,
         model_changes=dict(experts=experts),
     )
-    text_teachers = [{**entry, "model_changes": {**entry.get("model_changes", {}), "experts": experts}}
-                     for entry in _recipe_teachers(config)]
+    # The base config's teachers as they are, those the recipe trains reading every expert.
+    text_teachers = [
+        {**entry, "model_changes": {**entry.get("model_changes", {}), "experts": experts}} if entry["source"] == "recipe"
+        else entry
+        for entry in teacher_entries_as_dicts(config)
+    ]
     variants = []
     for count in range(1, len(experts)):
         student = {"model.experts": experts[:count]}
@@ -171,12 +176,17 @@ def _teachvideo(config: Any) -> Study:
         variants += [
             Variant(f"{names}/baseline", student, student="baseline", x=count, line="baseline"),
             Variant(f"{names}/teachvideo", {**student, "teachers": [video_teacher]}, x=count, line="TeachVideo"),
-            Variant(f"{names}/teachvideo+teachtext", {**student, "teachers": [video_teacher, *text_teachers]}, x=count,
-                    line="TeachVideo + TeachText"),
         ]
+        if text_teachers:
+            variants.append(Variant(f"{names}/teachvideo+teachtext", {**student, "teachers": [video_teacher, *text_teachers]},
+                                    x=count, line="TeachVideo + TeachText"))
     variants.append(Variant("all experts/baseline", {}, student="baseline", line="every expert, baseline"))
     return Study("teachvideo", "TeachVideo: students with fewer experts (TeachText Fig 7b)", tuple(variants), "lines",
                  "video experts the student reads")
+
+
+def teacher_entries_as_dicts(config: Any) -> list[dict]:
+    return [entry.to_dict() for entry in teacher_entries(config)]
 
 
 TRAIN_FRACTIONS = (0.25, 0.5, 0.75, 1.0)
@@ -311,6 +321,10 @@ def _recipe_key(config: Any) -> str:
     return hashlib.sha256(json.dumps(described, sort_keys=True, default=list).encode()).hexdigest()
 
 
+def _folder_name(variant: str) -> str:
+    return variant.replace("/", "_")
+
+
 @dataclasses.dataclass(frozen=True)
 class PlannedVariant:
     variant: Variant
@@ -329,10 +343,14 @@ def plan_study(base: ml_collections.ConfigDict, study: Study, workdir) -> list[P
         raise StudyError(f"study {study.name!r}: variant names must be unique; {repeated} repeat")
     if study.plot == "lines" and not any(variant.x is not None for variant in study.variants):
         raise StudyError(f"study {study.name!r} is drawn as lines, and no variant gives its position x")
+    folders = [_folder_name(name) for name in names]
+    clashing = sorted({name for name, folder in zip(names, folders) if folders.count(folder) > 1})
+    if clashing:
+        raise StudyError(f"study {study.name!r}: variants {clashing} would share one folder; rename them")
     planned, seen = [], {}
     for variant in study.variants:
         config = variant_config(base, study, variant, workdir)
-        folder = seen.setdefault(_recipe_key(config), workdir / study.name / variant.name.replace("/", "_"))
+        folder = seen.setdefault(_recipe_key(config), workdir / study.name / _folder_name(variant.name))
         try:
             pipeline.check_recipe(config, folder)
         except UserInputError as error:
@@ -500,7 +518,7 @@ def draw_study(summary: Mapping[str, Any], path) -> None:
 if __name__ == "__main__":
     from ml_collections import config_flags
 
-    from tt_jax.cli import DEFAULT_CONFIG, EXIT_BAD_INPUT, parse_flags
+    from tt_jax.cli import DEFAULT_CONFIG, EXIT_BAD_INPUT, EXIT_PREEMPTED, parse_flags
 
     _CONFIG = config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Base config file.", lock_config=True)
     _WORKDIR = flags.DEFINE_string("workdir", "runs/ablate", "Where the studies' runs, tables and figures are written.")
@@ -512,6 +530,10 @@ if __name__ == "__main__":
         if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
             jax.config.update("jax_compilation_cache_dir", _WORKDIR.value.rstrip("/") + "/compilation_cache")
             jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+        if os.environ.get("TT_JAX_DISTRIBUTED") == "1":
+            jax.distributed.initialize()  # as tt_jax.main: coordinator and ids from the TPU / SLURM environment
+        from tt_jax.train import Preempted
+
         try:
             config = check_config(_CONFIG.value)
             summary = run_study(config, select_study(config, _STUDY.value), _WORKDIR.value)
@@ -519,6 +541,10 @@ if __name__ == "__main__":
             logging.error("%s", error)
             print(f"error: {error}", file=sys.stderr)
             return EXIT_BAD_INPUT
+        except Preempted as stop:  # the variant's run saved; the same command resumes the study
+            logging.warning("%s", stop)
+            print(str(stop), file=sys.stderr)
+            return EXIT_PREEMPTED
         print(study_table(summary))
         return 0
 

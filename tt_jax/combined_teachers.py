@@ -38,7 +38,7 @@ def combined_metrics(
     """{"t2v", "v2t"} metrics of Phi over the teachers' [V*K, V] eval similarity matrices on `store`.
 
     The matrices are combined on device as they come (a running sum, min or max), so memory holds
-    two of them whatever the number of teachers."""
+    a few of them whatever the number of teachers."""
     mesh = mesh if mesh is not None else parallel.make_mesh()
     combined = None
     for teacher in teachers:
@@ -78,14 +78,13 @@ def combined_teachers_stage(
     config: Any, entries: Sequence[Any], identity: Mapping[str, Any], workdir: epath.Path, stores: Mapping[str, FeatureStore]
 ) -> None:
     """Writes <workdir>/teachers_combined/results.json for the live teacher `entries` (their paths
-    resolved) unless it exists for the same `identity`."""
+    resolved) unless it exists for the same `identity` (which names the aggregation)."""
     from tt_jax.teachers import load_teachers  # loads checkpoints
 
     path = results_path(workdir)
-    identity = {**identity, "aggregation": aggregation_of(config)}
     if is_current(workdir, identity):
         return
-    aggregation = identity["aggregation"]
+    aggregation = aggregation_of(config)
     mesh = parallel.make_mesh()
     teachers, variables = load_teachers(config, list(entries), stores["train"], parallel.replicated(mesh))
     results = {"identity": identity, "num_epochs": None, "teachers": [teacher.name for teacher in teachers],
@@ -102,3 +101,4 @@ def combined_teachers_stage(
     if jax.process_index() == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json(path, results)
+    parallel.wait_for_every_process("combined teachers written")  # every host reads them for its report

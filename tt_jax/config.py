@@ -154,7 +154,7 @@ def default_config() -> ml_collections.ConfigDict:
     # An empty list trains on the ranking loss alone.
     config.distillation.terms = [dict(method="teachtext")]
 
-    # Caption denoising from teacher ranks (tt_jax/denoising.py): the recipe's denoising stage ranks
+    # Caption denoising from teacher ranks (tt_jax/denoising/): the recipe's denoising stage ranks
     # every training caption against every training video with the teachers, and the students
     # sample only the captions whose video is ranked within the top max_rank (unset: every caption).
     config.denoising = ml_collections.ConfigDict()
@@ -414,10 +414,17 @@ def run_identity(config: Any) -> dict[str, Any]:
         }
         for entry in teacher_entries(config)
     ]
-    if plain.get("denoising", {}).get("max_rank") is not None:
-        # The recipe's masks follow from the teachers and the denoising settings, both part of the
-        # identity; where the recipe keeps the file is not (a recipe's workdir can move).
-        plain.get("data", {}).pop("caption_masks", None)
+    data = plain.get("data", {})
+    if plain.get("denoising", {}).get("max_rank") is not None and data.get("caption_masks"):
+        # The recipe's masks: their folder is named by what they follow from (teachers, data,
+        # settings; tt_jax.pipeline.masks_path), and that name, not the recipe's workdir (which
+        # can move), is the identity.
+        parts = str(data["caption_masks"]).rstrip("/").split("/")
+        data["caption_masks"] = "/".join(parts[-2:])
+    if any(entry.source == "recipe" for entry in teacher_entries(config)):
+        # The recipe trains its teachers with this seed; in a shared pipeline.teachers_dir another
+        # seed is another teacher folder, which the entries (without their paths) do not show.
+        plain["pipeline"] = {"teacher_seed": int(config.pipeline.teacher_seed)}
     distillation = plain.setdefault("distillation", {})
     if "terms" not in distillation:  # a config saved before the terms existed
         old = {key: distillation.pop(key) for key in _LEGACY_DISTILLATION if key in distillation}

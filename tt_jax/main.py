@@ -35,6 +35,11 @@ def main(argv: list[str]) -> int:
         jax.config.update("jax_compilation_cache_dir", _WORKDIR.value.rstrip("/") + "/compilation_cache")
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     try:
+        if _CONFIG.value.get("study"):
+            raise UserInputError(
+                f"the config defines the ablation study {_CONFIG.value.study.get('name')!r}: run it with "
+                "python -m tt_jax.ablate --config ...; tt_jax.main runs the recipe of a config without one"
+            )
         results = pipeline.run(_CONFIG.value, _WORKDIR.value)
     except UserInputError as error:
         logging.error("%s", error)

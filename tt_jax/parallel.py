@@ -119,3 +119,12 @@ __all__ = [
     "shard_host_arrays",
     "sum_over_devices",
 ]
+
+
+def wait_for_every_process(what: str) -> None:
+    """A barrier across processes (nothing on one process): e.g. after process 0 wrote a file
+    that every host reads next."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(what)

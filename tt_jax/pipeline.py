@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import json
 from etils import epath
 from typing import Any, Mapping, Optional
@@ -37,11 +38,12 @@ from tt_jax.config import (
     teacher_model_config,
 )
 from tt_jax.data.caption_masks import write_caption_masks
+from tt_jax.data.release_layout import DATASETS
 from tt_jax.data.sources import DataNeeds, load_splits
 from tt_jax.data.training_split import training_store
 from tt_jax.denoising.settings import DenoisingSettings
 from tt_jax.host_memory import release_finished_run
-from tt_jax.trained import checked_workdir, read_results, write_json
+from tt_jax.trained import RESULTS_FILE, check_same_run, checked_workdir, read_results, write_json
 
 STUDENT_TEACHTEXT = "student_teachtext"
 STUDENT_BASELINE = "student_baseline"
@@ -82,7 +84,8 @@ def _run_config(config: ml_collections.ConfigDict, changes: Mapping[str, Any]) -
 
 def teacher_config(config: ml_collections.ConfigDict, entry: TeacherEntry) -> ml_collections.ConfigDict:
     """The run config that trains the "recipe" teacher `entry` (the student's model with its
-    model_changes, reading its text embedding, without teachers of its own, on every caption)."""
+    model_changes, reading its text embedding, without teachers of its own, on every caption the
+    data gives: the recipe's denoising masks are for its students)."""
     return _run_config(
         config,
         {
@@ -104,12 +107,6 @@ def teacher_workdir(config: ml_collections.ConfigDict, workdir: epath.Path, entr
         return workdir / "teachers" / entry.name
     identity = run_identity(check_config(teacher_config(config, entry)))
     return epath.Path(config.pipeline.teachers_dir) / f"{entry.name}-{identity_digest(identity)}"
-
-
-def masks_path(config: ml_collections.ConfigDict, workdir: epath.Path) -> Optional[epath.Path]:
-    """The denoising stage's mask file, or None when the config does not denoise."""
-    settings = DenoisingSettings.from_config(config)
-    return None if settings is None else workdir / DENOISING_FOLDER / f"{settings.file_stem}.pkl"
 
 
 def student_config(
@@ -162,22 +159,35 @@ def recipe_data_needs(runs: list[RecipeRun]) -> DataNeeds:
     return DataNeeds.of(readers, precomputed)
 
 
-def _teachers_identity(config: ml_collections.ConfigDict, workdir: epath.Path, live_only: bool = False) -> dict:
-    """What a result computed from the teachers follows from: the data and each teacher (a
-    "recipe" teacher by its run identity)."""
-    student = student_config(config, workdir, config.pipeline.seeds[0], distilled=True)
-    data = {key: value for key, value in run_identity(student).items() if key.startswith("data.")}
+def _teachers_identity(config: ml_collections.ConfigDict, live_only: bool = False) -> dict:
+    """What a result computed from the teachers follows from, as digests that stay the same when
+    tt_jax gains a key at its default: the training data and each teacher (a "recipe" teacher by
+    its run identity, another by its entry)."""
+    data = {key: value for key, value in run_identity(config).items() if key.startswith("data.")}
     teachers = [
-        run_identity(check_config(teacher_config(config, entry))) if entry.source == "recipe" else entry.to_dict()
+        identity_digest(run_identity(check_config(teacher_config(config, entry)))) if entry.source == "recipe"
+        else entry.to_dict()
         for entry in _entries(config)
         if entry.is_live or not live_only
     ]
-    return {"data": data, "teachers": teachers}
+    return {"data": identity_digest(data), "teachers": teachers}
 
 
-def _masks_identity(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict:
+def _masks_identity(config: ml_collections.ConfigDict) -> dict:
     """What the denoising masks follow from: the settings, the training data and the teachers."""
-    return {"settings": DenoisingSettings.from_config(config).to_dict(), **_teachers_identity(config, workdir)}
+    return {"settings": DenoisingSettings.from_config(config).to_dict(), **_teachers_identity(config)}
+
+
+def masks_path(config: ml_collections.ConfigDict, workdir: epath.Path) -> Optional[epath.Path]:
+    """The denoising stage's mask file, or None when the config does not denoise:
+    <workdir>/denoising/<digest of what the masks follow from>/denoise-less<R>.pkl. The folder
+    name is part of every student's identity (tt_jax.config.run_identity), so a student trained
+    on other masks (other teachers, data or settings) is never taken for this one."""
+    settings = DenoisingSettings.from_config(config)
+    if settings is None:
+        return None
+    digest = hashlib.sha256(json.dumps(_masks_identity(config), sort_keys=True).encode()).hexdigest()[:10]
+    return workdir / DENOISING_FOLDER / digest / f"{settings.file_stem}.pkl"
 
 
 def _combined_teachers(config: ml_collections.ConfigDict, workdir: epath.Path) -> Optional[tuple[list, dict]]:
@@ -187,7 +197,7 @@ def _combined_teachers(config: ml_collections.ConfigDict, workdir: epath.Path) -
     entries = [entry for entry in teacher_entries(student) if entry.is_live]
     if len(entries) < 2:
         return None
-    return entries, {**_teachers_identity(config, workdir, live_only=True), "aggregation": combined_teachers.aggregation_of(config)}
+    return entries, {**_teachers_identity(config, live_only=True), "aggregation": combined_teachers.aggregation_of(config)}
 
 
 def _summary_path(masks: epath.Path) -> epath.Path:
@@ -195,19 +205,16 @@ def _summary_path(masks: epath.Path) -> epath.Path:
 
 
 def masks_are_current(config: ml_collections.ConfigDict, workdir: epath.Path) -> bool:
-    """Whether the denoising stage's masks exist and were made for this config."""
+    """Whether the denoising stage's masks exist for this config (its folder is named by what
+    they follow from; the summary, written last, marks them complete)."""
     masks = masks_path(config, workdir)
-    summary = _summary_path(masks)
-    if not (masks.is_file() and summary.is_file()):
-        return False
-    saved = json.loads(summary.read_text()).get("identity")
-    return json.loads(json.dumps(saved, sort_keys=True)) == json.loads(json.dumps(_masks_identity(config, workdir), sort_keys=True))
+    return masks is not None and masks.is_file() and _summary_path(masks).is_file()
 
 
 def denoising_stage(config: ml_collections.ConfigDict, workdir: epath.Path, stores: Mapping[str, Any]) -> dict:
     """Ranks the training captions with the distilled student's teachers and writes the masks,
-    the training list and a summary (fraction of captions dropped, videos dropped); returns the
-    summary. Masks made for this config already are kept."""
+    the training list and then a summary (fraction of captions dropped, videos dropped); returns
+    the summary. Masks made for this config already are kept."""
     from tt_jax.denoising.ranks import denoise  # imports the models
     from tt_jax.teachers import load_teachers
 
@@ -215,8 +222,6 @@ def denoising_stage(config: ml_collections.ConfigDict, workdir: epath.Path, stor
     if masks_are_current(config, workdir):
         logging.info("denoising: %s is up to date", masks)
         return json.loads(_summary_path(masks).read_text())
-    if masks.is_file():
-        logging.warning("denoising: %s was made for another config (settings, data or teachers); making it again", masks)
     settings = DenoisingSettings.from_config(config)
     student = check_config(student_config(config, workdir, config.pipeline.seeds[0], distilled=True))
     with student.unlocked():
@@ -227,7 +232,7 @@ def denoising_stage(config: ml_collections.ConfigDict, workdir: epath.Path, stor
     with jax.default_matmul_precision(config.train.matmul_precision):
         result = denoise(teachers, variables, store, settings, mesh=mesh, chunk_videos=config.train.eval_chunk_videos)
     del variables
-    summary = {**result.summary, "identity": _masks_identity(config, workdir)}
+    summary = {**result.summary, "identity": _masks_identity(config)}
     logging.info(
         "denoising (max_rank %d, rule %s): %d of %d training captions dropped (%.1f%%), %d of %d videos left with none",
         settings.max_rank, settings.rule, summary["captions"] - summary["captions_kept"], summary["captions"],
@@ -235,13 +240,15 @@ def denoising_stage(config: ml_collections.ConfigDict, workdir: epath.Path, stor
     )
     if jax.process_index() == 0:
         write_caption_masks(masks, store.video_ids, result.keep, store.caption_mask)
-        write_json(_summary_path(masks), summary)
+        write_json(_summary_path(masks), summary)  # last: the masks are complete
+    parallel.wait_for_every_process("denoising masks written")  # every host's students read the file
     return summary
 
 
 def check_recipe(config: ml_collections.ConfigDict, workdir) -> list[RecipeRun]:
-    """Everything that can be checked of a recipe before any data is loaded (its config, every
-    run's terms, the denoising settings); returns its runs."""
+    """Everything that can be checked of a recipe before any data is loaded or anything is
+    written: its config, every unfinished run's terms and data, the denoising settings, and that
+    every run directory holding results holds this run; returns its runs."""
     config = check_config(config)
     workdir = checked_workdir(workdir)
     stages = set(config.pipeline.stages)
@@ -250,12 +257,41 @@ def check_recipe(config: ml_collections.ConfigDict, workdir) -> list[RecipeRun]:
             "the student_teachtext stage trains the distilled student, and config.distillation.terms is empty: "
             "list its terms, or leave the stage out of pipeline.stages"
         )
-    if DenoisingSettings.from_config(config) is not None and not config.teachers:
-        raise ConfigError("denoising ranks the training captions with the teachers, and config.teachers is empty")
     runs = recipe_runs(config, workdir)
+    to_train = [run for run in runs if run.stage in stages and not _is_finished(run)]
+    if DenoisingSettings.from_config(config) is not None:
+        if not config.teachers:
+            raise ConfigError("denoising ranks the training captions with the teachers, and config.teachers is empty")
+        if config.data.caption_masks:
+            raise ConfigError(
+                f"denoising.max_rank makes the students' caption masks and data.caption_masks names others "
+                f"({config.data.caption_masks}); choose one"
+            )
+        layout = DATASETS.get(config.data.dataset) if config.data.source in ("release", "tfds") else None
+        if layout is not None and layout.fuse_captions:
+            raise ConfigError(
+                f"{layout.name} fuses each video's captions into one query, so denoising would drop whole videos "
+                "(the reference ignores caption masks there); leave denoising.max_rank unset"
+            )
+        students = [run for run in to_train if run.stage != "teachers"]
+        if students and "denoising" not in stages and not masks_are_current(config, workdir):
+            raise ConfigError(
+                f"the students read the denoising masks {masks_path(config, workdir)}, which the denoising stage has "
+                "not made for this config; add 'denoising' to pipeline.stages"
+            )
     for recipe_run in runs:
-        if recipe_run.stage in stages and not _is_finished(recipe_run):
-            train.check_run_before_loading(recipe_run.config)
+        finished = read_results(recipe_run.workdir)
+        if finished is not None:  # refused here, before any stage writes a file the run came from
+            check_same_run(finished.get("identity"), run_identity(recipe_run.config), f"{recipe_run.workdir / RESULTS_FILE}")
+        if recipe_run.stage == "teachers" and config.pipeline.teachers_dir and finished is not None \
+                and finished.get("num_epochs") != config.train.num_epochs:
+            raise ConfigError(
+                f"the shared teacher {recipe_run.workdir} was trained for {finished.get('num_epochs')} epochs and this "
+                f"recipe trains for {config.train.num_epochs}; students distilled from it elsewhere read it as it is, "
+                "so use another pipeline.teachers_dir"
+            )
+    for recipe_run in to_train:
+        train.check_run_before_loading(recipe_run.config)
     return runs
 
 
@@ -266,27 +302,19 @@ def run(config: ml_collections.ConfigDict, workdir, *, stores: Optional[Mapping[
     stores: the split stores, holding what `recipe_data_needs` of the runs asks for (an ablation
     study loads them once for all its recipes); None loads them from `config.data` if needed.
     """
+    config, workdir = check_config(config), checked_workdir(workdir)
     runs = check_recipe(config, workdir)
-    config = check_config(config)
-    workdir = checked_workdir(workdir)
     stages = set(config.pipeline.stages)
-    denoising = DenoisingSettings.from_config(config)
     selected = [run for run in runs if run.stage in stages]
     to_train = [run for run in selected if not _is_finished(run)]
-    students_to_train = [run for run in to_train if run.stage != "teachers"]
-    make_masks = denoising is not None and "denoising" in stages and (
-        students_to_train or not masks_are_current(config, workdir)
+    make_masks = (
+        DenoisingSettings.from_config(config) is not None and "denoising" in stages and not masks_are_current(config, workdir)
     )
-    if denoising is not None and students_to_train and not make_masks and not masks_are_current(config, workdir):
-        raise ConfigError(
-            f"the students read the denoising masks {masks_path(config, workdir)}, which the denoising stage has "
-            "not made for this config; add 'denoising' to pipeline.stages"
-        )
     # One copy of the data for every run (a release can take most of host memory), holding what
     # any run of the recipe reads (whichever stages run, so the data is always the same); finished
     # runs only check their results, so nothing is loaded when every run has finished.
-    combined = _combined_teachers(config, workdir) if "teachers" in stages else None
-    make_combined = combined is not None and not combined_teachers.is_current(workdir, combined[1])
+    combined = _combined_teachers(config, workdir)
+    make_combined = "teachers" in stages and combined is not None and not combined_teachers.is_current(workdir, combined[1])
     if stores is None and (to_train or make_masks or make_combined):
         stores = load_splits(config.data, recipe_data_needs(runs))
 

@@ -288,7 +288,8 @@ def train_and_evaluate(
     if DenoisingSettings.from_config(config) is not None and not config.data.caption_masks:
         raise UserInputError(
             "denoising.max_rank is set, and the masks it describes are made by the recipe's denoising stage "
-            "(python -m tt_jax.main); for a single run, give the mask file as data.caption_masks"
+            "(python -m tt_jax.main); for a single run on a mask file of your own, leave denoising.max_rank unset "
+            "and give the file as data.caption_masks"
         )
     with Checkpointer(workdir, identity=identity) as checkpointer:
         checkpointer.check_identity()

@@ -1,7 +1,8 @@
 """What a run trains on: a seeded fraction of the training videos, then its denoising masks.
 
-Both act on the loaded training store, so one copy of the data serves every run of a recipe or
-a study (each run selects its own rows; token arrays are shared, not copied).
+Both act on the loaded training store, so one load of the data serves every run of a recipe or
+a study: each run selects its own rows (a copy of the expert rows it keeps; the token arrays,
+the largest, are shared).
 
 * `data.train_fraction` f keeps ceil(f V) videos: those first in an order fixed by
   `data.train_fraction_seed` and each video's id (a hash, so the subset does not depend on the
@@ -37,7 +38,7 @@ def fraction_rows(video_ids: Sequence[str], fraction: float, seed: int) -> np.nd
     """The rows (in store order) of the ceil(fraction V) videos the fraction keeps."""
     if not 0 < fraction <= 1:
         raise UserInputError(f"data.train_fraction must lie in (0, 1], got {fraction!r}")
-    count = math.ceil(fraction * len(video_ids))
+    count = math.ceil(round(fraction * len(video_ids), 9))  # 0.07 * 100 is 7.000000000000001 in floats
     return np.sort(fraction_order(video_ids, seed)[:count])
 
 

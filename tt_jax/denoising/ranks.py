@@ -68,9 +68,12 @@ def _live_rows(chunk_embeddings, video, availability, *, expert_names, keep_miss
     )
 
 
-def _live_chunks(teacher: LiveTeacher, variables: Any, store: FeatureStore, mesh: Mesh, chunk_videos: int) -> Iterator[jax.Array]:
-    """[c * K, V] similarity rows of each chunk of videos' captions for a live teacher: one pass
-    embeds every video (only the video side is kept), a second the chunks' captions."""
+def _live_chunks(
+    teacher: LiveTeacher, variables: Any, store: FeatureStore, mesh: Mesh, chunk_videos: int
+) -> Iterator[tuple[int, jax.Array]]:
+    """(first video, [c * K, V] similarity rows) of each chunk of videos' captions for a live
+    teacher: one pass embeds every video (only the video side is kept), a second the chunks'
+    captions. The last chunk is padded (its rows past the split are not captions)."""
     evaluator = Evaluator(teacher.model, store, teacher.text_name, mesh=mesh, chunk_videos=chunk_videos)
     video_parts, availability_parts = [], []
     for _, embeddings in evaluator.embedding_chunks(variables):
@@ -81,8 +84,10 @@ def _live_chunks(teacher: LiveTeacher, variables: Any, store: FeatureStore, mesh
     availability = jnp.concatenate(availability_parts)[:count]
     del video_parts, availability_parts
     config = teacher.model.config
-    for _, embeddings in evaluator.embedding_chunks(variables):
-        yield _live_rows(
+    if evaluator.chunk_videos != chunk_videos:
+        raise ValueError(f"the evaluator chunks {evaluator.chunk_videos} videos, the ranks {chunk_videos}")
+    for start, embeddings in evaluator.embedding_chunks(variables):
+        yield start, _live_rows(
             embeddings, video, availability,
             expert_names=config.expert_names, keep_missing_modalities=config.keep_missing_modalities,
         )
@@ -98,16 +103,17 @@ def _stored_rows(text: dict, video: dict) -> jax.Array:
     return total
 
 
-def _stored_chunks(key: str, store: FeatureStore, mesh: Mesh, chunk_videos: int) -> Iterator[jax.Array]:
+def _stored_chunks(key: str, store: FeatureStore, mesh: Mesh, chunk_videos: int) -> Iterator[tuple[int, jax.Array]]:
+    """(first video, [c * K, V] rows) of each chunk for a precomputed teacher, padded as the live ones."""
     stored = (store.teacher_embeddings or {}).get(key)
     if stored is None:
         raise DenoisingError(f"the training split holds no embeddings of the precomputed teacher {key!r}")
     video = jax.device_put({name: np.asarray(array, np.float32) for name, array in stored["video"].items()},
                            parallel.replicated(mesh))
     for start in range(0, store.num_videos, chunk_videos):
-        rows = np.arange(start, start + chunk_videos) % store.num_videos  # padded like the live chunks
+        rows = np.arange(start, start + chunk_videos) % store.num_videos  # the padding rows are discarded
         text = {name: np.asarray(array[rows], np.float32) for name, array in stored["text"].items()}
-        yield _stored_rows(jax.device_put(text, parallel.replicated(mesh)), video)
+        yield start, _stored_rows(jax.device_put(text, parallel.replicated(mesh)), video)
 
 
 def teacher_ranks(
@@ -134,11 +140,16 @@ def teacher_ranks(
         for teacher in teachers
     ]
     captions = store.max_captions
+    # Replicated ranks: every process reads them whole (the similarity rows may be split over devices).
+    ranks_of = jax.jit(functools.partial(caption_ranks, aggregation=aggregation, ties=ties),
+                       out_shardings=parallel.replicated(mesh))
     ranks = np.full((len(teachers) + 1, store.num_videos, captions), np.nan, np.float32)
-    for start, rows in zip(range(0, store.num_videos, chunk), zip(*sources)):
+    for start, chunks in zip(range(0, store.num_videos, chunk), zip(*sources, strict=True), strict=True):
+        if any(first != start for first, _ in chunks):
+            raise ValueError(f"the teachers' chunks start at {[first for first, _ in chunks]}, expected {start}")
         videos = np.arange(start, start + chunk) % store.num_videos
-        targets = jnp.asarray(np.repeat(videos, captions), jnp.int32)
-        chunk_ranks = np.asarray(caption_ranks(jnp.stack(rows), targets, aggregation=aggregation, ties=ties))
+        targets = jax.device_put(np.repeat(videos, captions).astype(np.int32), parallel.replicated(mesh))
+        chunk_ranks = np.asarray(jax.device_get(ranks_of(jnp.stack([rows for _, rows in chunks]), targets)))
         real = min(chunk, store.num_videos - start)
         ranks[:, start : start + real] = chunk_ranks.reshape(len(teachers) + 1, chunk, captions)[:, :real]
     ranks[:, store.caption_mask == 0] = np.nan

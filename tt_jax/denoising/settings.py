@@ -43,6 +43,11 @@ class DenoisingSettings:
                                    ("ties", self.ties, TIES)):
             if value not in valid:
                 raise DenoisingError(f"denoising.{name} is {value!r}; choose one of {list(valid)}")
+        if self.rule != "aggregate" and self.aggregation != "mean":
+            raise DenoisingError(
+                f"denoising.aggregation {self.aggregation!r} says how the rule 'aggregate' combines the teachers; "
+                f"the rule {self.rule!r} reads each teacher's own rank, so leave the aggregation at 'mean'"
+            )
 
         object.__setattr__(self, "max_rank", int(self.max_rank))
 
