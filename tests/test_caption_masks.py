@@ -90,7 +90,7 @@ def test_written_masks_read_back_and_the_list_names_the_videos_that_keep_a_capti
 
 def test_write_rejects_captions_that_do_not_fill_the_leading_slots(tmp_path):
     caption_mask = np.array([[1, 0, 1], [1, 1, 0]])
-    with pytest.raises(CaptionMaskError, match="leading slots"):
+    with pytest.raises(ValueError, match="leading slots"):
         write_caption_masks(tmp_path / "m.pkl", ("a", "b"), np.ones((2, 3), bool), caption_mask)
 
 

@@ -12,8 +12,8 @@ The study writes <workdir>/<study>.md (the table), .json (every seed's metrics) 
 lines over a numeric setting, of the test t2v geometric mean of R1/R5/R10, mean with the standard
 deviation over seeds as error bars (TeachText paper, appendix G's figures).
 
-"Teachers as one model" is the metric of Phi of the variant's teachers' similarity matrices
-(tt_jax.combined_teachers), what its student is distilled towards.
+"Teachers as one model" is the metric of Phi of the variant's live teachers' similarity matrices
+(tt_jax.combined_teachers): with live teachers only, what its student is distilled towards.
 
 Built-in studies (`STUDIES`), named after the paper's figures: distillation_types (Fig 6b/10a),
 distances (10b), aggregation (8b), num_teachers (6a), denoising (9a), teachvideo (7b),

@@ -42,7 +42,7 @@ def write_caption_masks(
     keep, caption_mask = np.asarray(keep, bool), np.asarray(caption_mask) > 0
     counts = caption_mask.sum(axis=1)
     if np.any(caption_mask != (np.arange(caption_mask.shape[1]) < counts[:, None])):
-        raise CaptionMaskError("write_caption_masks: a video's captions must fill its leading slots")
+        raise ValueError("write_caption_masks: a video's captions must fill its leading slots")
     masks = {video: keep[row, : counts[row]].astype(np.int64) for row, video in enumerate(video_ids)}
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(path.name + ".tmp")
@@ -50,7 +50,9 @@ def write_caption_masks(
         pickle.dump(masks, handle, protocol=4)
     temporary.replace(path)  # never a half-written mask file under the final name
     kept_list = path.with_suffix(".txt")
-    kept_list.write_text("".join(f"{video}\n" for video, mask in masks.items() if mask.any()))
+    temporary = kept_list.with_name(kept_list.name + ".tmp")
+    temporary.write_text("".join(f"{video}\n" for video, mask in masks.items() if mask.any()))
+    temporary.replace(kept_list)
     return path, kept_list
 
 

@@ -94,8 +94,9 @@ def _synthetic_stores(data_config: Any, needs: DataNeeds) -> dict[str, FeatureSt
 
 def check_experts_in_data(data_config: Any, models: Mapping[str, Any]) -> None:
     """Every expert a model reads ({who: model config}, e.g. a TeachVideo teacher reading more
-    experts than the student) must be one the dataset has: for a release, a file of its layout
-    or of data.expert_files (synthetic data generates whatever experts the models read)."""
+    experts than the student) must be one the dataset has: for a release (or its prepared copy),
+    a file of its layout or of data.expert_files (synthetic data generates whatever experts the
+    models read)."""
     if data_config.get("source") not in ("release", "tfds") or data_config.get("dataset") not in DATASETS:
         return  # synthetic data; an unknown dataset is reported by the reader
     layout = DATASETS[data_config["dataset"]]
