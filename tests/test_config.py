@@ -76,6 +76,8 @@ def test_every_key_but_the_restartable_ones_changes_the_identity():
             value = [dict(base.teachers[0], text_embedding="poor")]
         elif key == "distillation.terms":  # the same method with another setting
             value = [dict(method="teachtext", delta=2.0)]
+        elif key == "denoising.max_rank":  # unset by default: denoising on
+            value = 5
         elif key == "model":  # another architecture
             value = {**base.model.to_dict(), "shared_dim": base.model.shared_dim + 1}
         else:

@@ -501,6 +501,8 @@ def draw_study(summary: Mapping[str, Any], path) -> None:
             colour = f"C{len(lines) + index}"
             axes.axhline(row["mean"], linestyle="--", color=colour, label=f"{row['line'] or row['variant']}")
             axes.axhspan(row["mean"] - row["std"], row["mean"] + row["std"], color=colour, alpha=0.15)
+        positions = sorted({row["x"] for row in rows if row["x"] is not None})
+        axes.set_xticks(positions, [f"{x:g}" for x in positions])
         axes.set_xlabel(summary["x_label"])
         axes.legend(fontsize=8)
     axes.set_ylabel(f"{summary['metric'].replace('geometric_mean_R1-R5-R10', 'GeoM R1/R5/R10')} (%)")
