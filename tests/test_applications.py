@@ -14,7 +14,7 @@ from tt_jax.config import ConfigError, check_config, identity_differences, run_i
 from tt_jax.data.caption_masks import read_caption_masks
 from tt_jax.data.sources import DataConfigError, load_splits
 from tt_jax.data.training_split import training_store
-from tt_jax.denoising.settings import DenoisingError
+from tt_jax.denoising_settings import DenoisingError
 from tt_jax.errors import UserInputError
 from tt_jax.trained import read_results, read_run_config
 
@@ -150,7 +150,7 @@ def test_a_single_run_with_denoising_needs_its_mask_file(tmp_path):
 
 def test_masks_that_remove_every_caption_stop_before_the_students(tmp_path, monkeypatch):
     """Every teacher rank is made worse than R: the stage refuses, and no student has trained."""
-    from tt_jax.denoising import ranks
+    from tt_jax import denoising as ranks
 
     real = ranks.teacher_ranks
 

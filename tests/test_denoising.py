@@ -19,8 +19,8 @@ import pytest
 
 from tt_jax import parallel
 from tt_jax.data.feature_store import FeatureStore, TokenTable
-from tt_jax.denoising.ranks import caption_ranks, denoise, teacher_ranks
-from tt_jax.denoising.settings import DenoisingError, DenoisingSettings, kept_captions
+from tt_jax.denoising import caption_ranks, denoise, teacher_ranks
+from tt_jax.denoising_settings import DenoisingError, DenoisingSettings, kept_captions
 from tt_jax.teachers import PrecomputedTeacher
 
 AGGREGATIONS = ("mean", "min", "max")

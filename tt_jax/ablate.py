@@ -189,33 +189,31 @@ def teacher_entries_as_dicts(config: Any) -> list[dict]:
     return [entry.to_dict() for entry in teacher_entries(config)]
 
 
+def _baseline_and_teachtext_over(name: str, title: str, key: str, values: Sequence[float], x_label: str):
+    """A study of one setting: the baseline and the TeachText student at each value."""
+
+    def build(config: Any) -> Study:
+        variants = []
+        for value in values:
+            changes = {key: value}
+            variants += [
+                Variant(f"{value:g}/baseline", changes, student="baseline", x=value, line="baseline"),
+                Variant(f"{value:g}/teachtext", changes, x=value, line="teachtext"),
+            ]
+        return Study(name, title, tuple(variants), "lines", x_label)
+
+    return build
+
+
 TRAIN_FRACTIONS = (0.25, 0.5, 0.75, 1.0)
-
-
-def _train_fraction(config: Any) -> Study:
-    variants = []
-    for fraction in TRAIN_FRACTIONS:
-        changes = {"data.train_fraction": fraction}
-        variants += [
-            Variant(f"{fraction:g}/baseline", changes, student="baseline", x=fraction, line="baseline"),
-            Variant(f"{fraction:g}/teachtext", changes, x=fraction, line="teachtext"),
-        ]
-    return Study("train_fraction", "Fraction of the training data, teachers included (TeachText Fig 12a)",
-                 tuple(variants), "lines", "fraction of training videos")
-
-
 BATCH_SIZES = (8, 16, 32, 64)
-
-
-def _batch_size(config: Any) -> Study:
-    variants = []
-    for size in BATCH_SIZES:
-        changes = {"train.batch_size": size}
-        variants += [
-            Variant(f"{size}/baseline", changes, student="baseline", x=size, line="baseline"),
-            Variant(f"{size}/teachtext", changes, x=size, line="teachtext"),
-        ]
-    return Study("batch_size", "Batch size, teachers included (TeachText Fig 8a)", tuple(variants), "lines", "batch size")
+_train_fraction = _baseline_and_teachtext_over(
+    "train_fraction", "Fraction of the training data, teachers included (TeachText Fig 12a)", "data.train_fraction",
+    TRAIN_FRACTIONS, "fraction of training videos",
+)
+_batch_size = _baseline_and_teachtext_over(
+    "batch_size", "Batch size, teachers included (TeachText Fig 8a)", "train.batch_size", BATCH_SIZES, "batch size"
+)
 
 
 STUDIES: dict[str, Callable[[Any], Study]] = {

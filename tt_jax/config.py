@@ -37,7 +37,7 @@ from typing import Any, Mapping
 
 import ml_collections
 
-from tt_jax.denoising.settings import DenoisingSettings
+from tt_jax.denoising_settings import DenoisingSettings
 from tt_jax.distillation.schedules import Schedule
 from tt_jax.distillation.terms import METHODS, distillation_terms, parse_terms
 from tt_jax.errors import UserInputError
@@ -154,7 +154,7 @@ def default_config() -> ml_collections.ConfigDict:
     # An empty list trains on the ranking loss alone.
     config.distillation.terms = [dict(method="teachtext")]
 
-    # Caption denoising from teacher ranks (tt_jax/denoising/): the recipe's denoising stage ranks
+    # Caption denoising from teacher ranks (tt_jax/denoising.py): the recipe's denoising stage ranks
     # every training caption against every training video with the teachers, and the students
     # sample only the captions whose video is ranked within the top max_rank (unset: every caption).
     config.denoising = ml_collections.ConfigDict()

@@ -1,8 +1,8 @@
 """The TeachText recipe from one config: teachers, the distilled student, the baseline, a report.
 
     <workdir>/teachers/<name>/                one run per "recipe" teacher of config.teachers
-    <workdir>/denoising/denoise-less<R>.pkl   with config.denoising.max_rank: the captions the
-                                              teachers rank within the top R (release format)
+    <workdir>/denoising/<digest>/denoise-less<R>.pkl  with config.denoising.max_rank: the captions
+                                              the teachers rank within the top R (release format)
     <workdir>/student_teachtext/seed_<s>/     the student distilled from every teacher
     <workdir>/student_baseline/seed_<s>/      the same student without distillation
     <workdir>/report.json, report.md          every model's val and test metrics, mean ± std
@@ -41,7 +41,7 @@ from tt_jax.data.caption_masks import write_caption_masks
 from tt_jax.data.release_layout import DATASETS
 from tt_jax.data.sources import DataNeeds, load_splits
 from tt_jax.data.training_split import training_store
-from tt_jax.denoising.settings import DenoisingSettings
+from tt_jax.denoising_settings import DenoisingSettings
 from tt_jax.host_memory import release_finished_run
 from tt_jax.trained import RESULTS_FILE, check_same_run, checked_workdir, read_results, write_json
 
@@ -215,7 +215,7 @@ def denoising_stage(config: ml_collections.ConfigDict, workdir: epath.Path, stor
     """Ranks the training captions with the distilled student's teachers and writes the masks,
     the training list and then a summary (fraction of captions dropped, videos dropped); returns
     the summary. Masks made for this config already are kept."""
-    from tt_jax.denoising.ranks import denoise  # imports the models
+    from tt_jax.denoising import denoise  # imports the models
     from tt_jax.teachers import load_teachers
 
     masks = masks_path(config, workdir)

@@ -40,7 +40,7 @@ from tt_jax.data import sampler
 from tt_jax.data.feature_store import FeatureStore
 from tt_jax.data.sources import DataNeeds, check_experts_in_data, load_splits
 from tt_jax.data.training_split import training_store
-from tt_jax.denoising.settings import DenoisingSettings
+from tt_jax.denoising_settings import DenoisingSettings
 from tt_jax.errors import UserInputError
 from tt_jax.evaluate import Evaluator
 from tt_jax.metrics import METRIC_NAMES

@@ -32,7 +32,7 @@ from jax.sharding import Mesh
 
 from tt_jax import parallel
 from tt_jax.data.feature_store import FeatureStore
-from tt_jax.denoising.settings import DenoisingError, DenoisingSettings, kept_captions
+from tt_jax.denoising_settings import DenoisingError, DenoisingSettings, kept_captions
 from tt_jax.distillation.view import aggregate
 from tt_jax.evaluate import Evaluator
 from tt_jax.models.similarity import weighted_similarity

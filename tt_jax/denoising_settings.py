@@ -1,6 +1,6 @@
 """The denoising settings (config.denoising) and the rule that turns ranks into kept captions.
 
-Kept apart from the ranking (tt_jax.denoising.ranks) so that the config can check them without
+Kept apart from the ranking (tt_jax.denoising) so that the config can check them without
 importing the models.
 """
 
