@@ -44,6 +44,7 @@ def study(tmp_path_factory):
     return workdir, ablate.run_study(config, ablate.select_study(config, None), workdir)
 
 
+@pytest.mark.slow  # trains a study: the slow job
 def test_a_study_reports_every_variant_s_seeds_from_its_runs(study):
     workdir, summary = study
     assert [row["variant"] for row in summary["variants"]] == ["baseline", "w1", "w1_again", "w3"]
@@ -58,6 +59,7 @@ def test_a_study_reports_every_variant_s_seeds_from_its_runs(study):
     assert (workdir / "tiny.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow  # trains a study: the slow job
 def test_variants_with_the_same_config_share_one_recipe_and_teachers_train_once(study):
     workdir, summary = study
     by_name = {row["variant"]: row for row in summary["variants"]}
@@ -67,6 +69,7 @@ def test_variants_with_the_same_config_share_one_recipe_and_teachers_train_once(
     assert not (workdir / "tiny" / "w3" / "teachers").exists()
 
 
+@pytest.mark.slow  # trains a study: the slow job
 def test_rerunning_a_study_trains_nothing(study):
     workdir, summary = study
     results = sorted((workdir / "tiny").glob("*/student_*/seed_*/results.json"))

@@ -46,6 +46,7 @@ def denoised(tmp_path_factory):
     return workdir, config, pipeline.run(config, workdir)
 
 
+@pytest.mark.slow  # trains a recipe: the slow job
 def test_the_denoising_stage_writes_masks_the_students_train_on(denoised):
     workdir, config, results = denoised
     masks_file = pipeline.masks_path(check_config(config), workdir)
@@ -68,12 +69,14 @@ def test_the_denoising_stage_writes_masks_the_students_train_on(denoised):
         assert read_results(workdir / stage / "seed_0")["num_epochs"] == 2
 
 
+@pytest.mark.slow  # trains a recipe: the slow job
 def test_the_teachers_train_on_every_caption(denoised):
     workdir, _, _ = denoised
     teacher = read_run_config(workdir / "teachers" / "teacher_rich")
     assert teacher.denoising.max_rank is None and not teacher.data.caption_masks
 
 
+@pytest.mark.slow  # trains a recipe: the slow job
 def test_a_rerun_keeps_the_masks_and_trains_nothing(denoised):
     workdir, config, results = denoised
     masks_file = pipeline.masks_path(check_config(config), workdir)
@@ -83,6 +86,7 @@ def test_a_rerun_keeps_the_masks_and_trains_nothing(denoised):
     assert again == results
 
 
+@pytest.mark.slow  # trains a recipe: the slow job
 def test_where_the_recipe_keeps_its_masks_is_not_part_of_a_student_s_identity(denoised, tmp_path):
     workdir, config, _ = denoised
     here = pipeline.student_config(check_config(config), workdir, 0, distilled=True)
@@ -91,6 +95,7 @@ def test_where_the_recipe_keeps_its_masks_is_not_part_of_a_student_s_identity(de
     assert run_identity(check_config(here)) == run_identity(check_config(elsewhere))
 
 
+@pytest.mark.slow  # trains a recipe: the slow job
 def test_masks_of_other_teachers_are_another_baseline(denoised):
     """The baseline reads no teacher, yet its masks come from them: other teachers, other run."""
     workdir, config, _ = denoised
@@ -103,6 +108,7 @@ def test_masks_of_other_teachers_are_another_baseline(denoised):
     assert "data.caption_masks" in identity_differences(run_identity(check_config(same)), run_identity(check_config(changed)))
 
 
+@pytest.mark.slow  # trains a recipe: the slow job
 def test_a_rerun_of_another_recipe_is_refused_before_any_stage_writes(denoised):
     """Another teacher seed in the same workdir: the finished teacher is named before the
     denoising stage could rewrite the masks its students came from."""
@@ -148,6 +154,7 @@ def test_a_single_run_with_denoising_needs_its_mask_file(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow  # trains a recipe: the slow job
 def test_masks_that_remove_every_caption_stop_before_the_students(tmp_path, monkeypatch):
     """Every teacher rank is made worse than R: the stage refuses, and no student has trained."""
     from tt_jax import denoising as ranks
@@ -168,6 +175,7 @@ def test_masks_that_remove_every_caption_stop_before_the_students(tmp_path, monk
 # -- TeachVideo ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # trains a recipe: the slow job
 def test_a_teachvideo_student_reads_one_expert_its_teacher_every_expert(tmp_path):
     config = short(tiny_config())
     every_expert = [dict(expert) for expert in config.model.experts]
@@ -216,6 +224,7 @@ def test_a_student_expert_the_release_lacks_is_named_before_loading():
 # -- the training fraction ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # trains a recipe: the slow job
 def test_a_fraction_of_the_training_data_trains_teachers_and_students_on_it(tmp_path):
     config = short(tiny_config(), data__train_fraction=0.5)
     config.pipeline.stages = ("teachers", "student_baseline")
@@ -246,6 +255,7 @@ def _t2v_recall_at(similarity: np.ndarray, captions_per_video: int, mask: np.nda
     return 100.0 * float(np.mean(better[real] < k))
 
 
+@pytest.mark.slow  # trains a recipe: the slow job
 def test_the_teachers_combined_are_evaluated_as_the_mean_of_their_similarities(tmp_path):
     from tt_jax.evaluate import evaluate
 
