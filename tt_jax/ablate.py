@@ -118,8 +118,13 @@ _aggregation = _terms_study(
 )
 
 
+def teacher_entries_as_dicts(config: Any) -> list[dict]:
+    return [entry.to_dict() for entry in teacher_entries(config)]
+
+
 def _teachers(config: Any) -> list[dict]:
-    entries = [entry.to_dict() for entry in teacher_entries(config)]
+    """The base config's teacher entries; a study that needs them refuses a config without."""
+    entries = teacher_entries_as_dicts(config)
     if not entries:
         raise StudyError("this study needs the base config's teachers, and it has none (config.teachers)")
     return entries
@@ -183,10 +188,6 @@ def _teachvideo(config: Any) -> Study:
     variants.append(Variant("all experts/baseline", {}, student="baseline", line="every expert, baseline"))
     return Study("teachvideo", "TeachVideo: students with fewer experts (TeachText Fig 7b)", tuple(variants), "lines",
                  "video experts the student reads")
-
-
-def teacher_entries_as_dicts(config: Any) -> list[dict]:
-    return [entry.to_dict() for entry in teacher_entries(config)]
 
 
 def _baseline_and_teachtext_over(name: str, title: str, key: str, values: Sequence[float], x_label: str):
