@@ -1,0 +1,203 @@
+"""Queries and galleries as one matrix each, for retrieval over galleries of any size.
+
+The CE similarity (`tt_jax.models.similarity`) is
+    S[q, v] = sum_m w[q, m] a[v, m] <t_m[q], v_m[v]> / sum_m w[q, m] a[v, m].
+Its numerator is one inner product once each query's expert embeddings are scaled by their mixture
+weights and each video's by its availability and the experts are laid side by side:
+    S[q, v] = <T[q], G[v]> / <w[q], a[v]>.
+So a block of similarities is one matrix product (rather than one per expert plus M elementwise
+passes over the block), and a gallery is one [V, D] array that can be sharded by rows.
+
+A gallery is stored padded to whole blocks on every device (`GalleryLayout`): padding rows are
+zeros, and `num_videos` says which rows are real.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from tt_jax import parallel
+from tt_jax.errors import UserInputError
+from tt_jax.models.ce import Embeddings
+
+# Square blocks of this many queries x videos: 4 MiB of float32 stays in a CPU's cache; an
+# accelerator wants larger blocks to fill the device.
+BLOCK_ON_CPU = 1024
+BLOCK_ON_ACCELERATOR = 4096
+
+
+class PackedQueries(NamedTuple):
+    """vectors: [Q, D] each expert's text embedding times its mixture weight, experts side by side.
+    moe_weights: [Q, M] the mixture weights (the similarity's denominator)."""
+
+    vectors: jax.Array
+    moe_weights: jax.Array
+
+
+class PackedGallery(NamedTuple):
+    """vectors: [V, D] each expert's video embedding times its availability, experts side by side.
+    availability: [V, M] 1 where the video has the expert."""
+
+    vectors: jax.Array
+    availability: jax.Array
+
+
+def pack_queries(
+    text: Mapping[str, jax.Array],
+    moe_weights: jax.Array,
+    expert_names: Sequence[str],
+    *,
+    keep_missing_modalities: bool = False,
+) -> PackedQueries:
+    """text: expert -> [Q, D_m]; moe_weights: [Q, M] in `expert_names` order."""
+    parts = [
+        text[name] if keep_missing_modalities else text[name] * moe_weights[:, index : index + 1]
+        for index, name in enumerate(expert_names)
+    ]
+    return PackedQueries(jnp.concatenate(parts, axis=1).astype(jnp.float32), moe_weights.astype(jnp.float32))
+
+
+def pack_gallery(
+    video: Mapping[str, jax.Array],
+    availability: jax.Array,
+    expert_names: Sequence[str],
+    *,
+    keep_missing_modalities: bool = False,
+) -> PackedGallery:
+    """video: expert -> [V, D_m]; availability: [V, M] in `expert_names` order."""
+    parts = [
+        video[name] if keep_missing_modalities else video[name] * availability[:, index : index + 1]
+        for index, name in enumerate(expert_names)
+    ]
+    return PackedGallery(jnp.concatenate(parts, axis=1).astype(jnp.float32), availability.astype(jnp.float32))
+
+
+def pack_split(
+    embeddings: Embeddings, expert_names: Sequence[str], *, keep_missing_modalities: bool = False
+) -> tuple[PackedQueries, PackedGallery]:
+    """A split's embeddings ([V] videos, [V, K] caption slots) as V*K queries (row v*K + k is
+    caption k of video v, the evaluation layout) and a V-video gallery."""
+    videos, captions, experts = embeddings.moe_weights.shape
+    text = {name: t.reshape(videos * captions, -1) for name, t in embeddings.text.items()}
+    queries = pack_queries(
+        text, embeddings.moe_weights.reshape(videos * captions, experts), expert_names,
+        keep_missing_modalities=keep_missing_modalities,
+    )
+    gallery = pack_gallery(
+        embeddings.video, embeddings.availability, expert_names, keep_missing_modalities=keep_missing_modalities
+    )
+    return queries, gallery
+
+
+def block_similarity(queries: PackedQueries, gallery: PackedGallery, *, keep_missing_modalities: bool) -> jax.Array:
+    """[C, B] similarities of C queries against B videos (a video with no expert gives NaN)."""
+    numerator = jnp.dot(queries.vectors, gallery.vectors.T)
+    if keep_missing_modalities:  # every weight is 1 (the reference option of that name)
+        return numerator
+    return numerator / jnp.dot(queries.moe_weights, gallery.availability.T)
+
+
+def pair_similarity(queries: PackedQueries, videos: PackedGallery, *, keep_missing_modalities: bool) -> jax.Array:
+    """[C] similarity of query i with video i (row-aligned inputs)."""
+    numerator = jnp.sum(queries.vectors * videos.vectors, axis=1)
+    if keep_missing_modalities:
+        return numerator
+    return numerator / jnp.sum(queries.moe_weights * videos.availability, axis=1)
+
+
+def default_block(num_videos: int, platform: str | None = None) -> int:
+    """The block side for a gallery of this size: cache-sized on CPU, larger on an accelerator,
+    never (much) larger than the gallery. It depends on neither the queries nor the number of
+    devices, so every similarity is computed by the same program however many devices share the
+    gallery, and a query bank ranked against the gallery shares its padding."""
+    on_cpu = (platform or jax.default_backend()) == "cpu"
+    block = BLOCK_ON_CPU if on_cpu else BLOCK_ON_ACCELERATOR
+    return min(block, -(-max(num_videos, 1) // 8) * 8)
+
+
+@dataclasses.dataclass(frozen=True)
+class GalleryLayout:
+    """How `num_videos` videos and `num_queries` queries are padded to whole blocks: the gallery
+    to `padded_videos` rows (a whole number of blocks on each of `num_devices` devices), the
+    queries to `padded_queries` rows."""
+
+    num_queries: int
+    num_videos: int
+    block: int
+    num_devices: int
+
+    def __post_init__(self):
+        if isinstance(self.block, bool) or not isinstance(self.block, int) or self.block < 1:
+            raise UserInputError(f"the block size must be a positive number of rows, got {self.block!r}")
+        if self.num_videos < 1:
+            raise UserInputError("the gallery holds no video; nothing to rank")
+
+    @classmethod
+    def for_mesh(cls, num_queries: int, num_videos: int, mesh: Mesh, block: int | None = None) -> "GalleryLayout":
+        platform = mesh.devices.flat[0].platform
+        block = default_block(num_videos, platform) if block is None else block
+        return cls(num_queries, num_videos, block, mesh.size)
+
+    @property
+    def padded_queries(self) -> int:
+        return max(1, -(-self.num_queries // self.block)) * self.block
+
+    @property
+    def padded_videos(self) -> int:
+        per_device = self.block * self.num_devices
+        return -(-self.num_videos // per_device) * per_device
+
+    @property
+    def videos_per_device(self) -> int:
+        return self.padded_videos // self.num_devices
+
+
+def gallery_sharding(mesh: Mesh) -> NamedSharding:
+    """Rows of the gallery split over every device of the mesh."""
+    return NamedSharding(mesh, PartitionSpec(parallel.DATA_AXIS))
+
+
+def _padded_rows(array: jax.Array, rows: int) -> jax.Array:
+    return jnp.pad(array, [(0, rows - array.shape[0])] + [(0, 0)] * (array.ndim - 1))
+
+
+def place_gallery(gallery: PackedGallery, layout: GalleryLayout, mesh: Mesh) -> PackedGallery:
+    """The gallery padded to `layout` and sharded by rows (as is, if it already is)."""
+    rows = gallery.vectors.shape[0]
+    if rows == layout.padded_videos and all(
+        isinstance(leaf, jax.Array) and leaf.sharding.is_equivalent_to(gallery_sharding(mesh), leaf.ndim)
+        for leaf in gallery
+    ):
+        return gallery
+    if rows not in (layout.num_videos, layout.padded_videos):
+        raise UserInputError(
+            f"the gallery has {rows} rows; expected {layout.num_videos} videos (or {layout.padded_videos} "
+            "rows padded to whole blocks)"
+        )
+    pad = jax.jit(lambda tree: jax.tree.map(lambda leaf: _padded_rows(leaf, layout.padded_videos), tree),
+                  out_shardings=gallery_sharding(mesh))
+    return pad(PackedGallery(*(jnp.asarray(leaf) if not isinstance(leaf, jax.Array) else leaf for leaf in gallery)))
+
+
+def place_queries(queries: PackedQueries, layout: GalleryLayout, mesh: Mesh) -> PackedQueries:
+    """The queries padded to whole blocks, on every device (each device ranks every query against
+    its share of the gallery)."""
+    if queries.vectors.shape[0] != layout.num_queries:
+        raise UserInputError(f"expected {layout.num_queries} queries, got {queries.vectors.shape[0]}")
+    pad = jax.jit(lambda tree: jax.tree.map(lambda leaf: _padded_rows(leaf, layout.padded_queries), tree),
+                  out_shardings=parallel.replicated(mesh))
+    return pad(PackedQueries(*(jnp.asarray(leaf) if not isinstance(leaf, jax.Array) else leaf for leaf in queries)))
+
+
+def check_dimensions(queries: PackedQueries, gallery: PackedGallery) -> None:
+    """Queries and gallery must pack the same experts the same way."""
+    if queries.vectors.shape[1] != gallery.vectors.shape[1] or queries.moe_weights.shape[1] != gallery.availability.shape[1]:
+        raise UserInputError(
+            f"queries pack {queries.vectors.shape[1]} dimensions over {queries.moe_weights.shape[1]} experts, the "
+            f"gallery {gallery.vectors.shape[1]} over {gallery.availability.shape[1]}: pack both with the same experts"
+        )
