@@ -12,6 +12,7 @@ from reference_fixtures import METRICS, MODEL, discover
 from tt_jax import metrics
 
 METRIC_NAMES = ("R1", "R5", "R10", "R50", "MedR", "MeanR", "geometric_mean_R1-R5-R10")
+EXTRA_METRIC_NAMES = ("R100", "SumR")
 MODEL_FIXTURES = discover(MODEL)
 METRICS_FIXTURES = discover(METRICS)
 
@@ -198,7 +199,7 @@ def test_retrieval_metrics_returns_the_two_metric_dicts(cases):
     result = metrics.retrieval_metrics(cases[prefix + "sims"], cases[prefix + "query_masks"])
     assert set(result) == {"t2v", "v2t"}
     for direction in ("t2v", "v2t"):
-        assert tuple(result[direction]) == METRIC_NAMES
+        assert tuple(result[direction]) == METRIC_NAMES + EXTRA_METRIC_NAMES
         assert result[direction]["R1"] == cases[f"{prefix}{direction}/R1"]
 
 
@@ -387,6 +388,13 @@ def test_tie_at_the_top_is_not_an_r1_hit():
     got = metrics.metrics_from_ranks(np.array([0.0, 0.5, 1.0, 60.0]), 4)
     assert got["R1"] == 25.0 and got["R5"] == 75.0 and got["R50"] == 75.0
     assert got["MedR"] == 1.75 and got["MeanR"] == 16.375
+
+
+def test_r100_counts_ranks_below_100_and_sumr_adds_r1_r5_r10_r100():
+    ranks = np.array([0.0, 3.0, 7.0, 99.0, 99.5, 100.0, 2e6])  # 99.5 (a tie) is below 100, 100 is not
+    got = metrics.metrics_from_ranks(ranks, 8)  # one more query than ranks: the denominator is given
+    assert got["R100"] == 100 * 5 / 8
+    assert got["SumR"] == 100 * (1 + 2 + 3 + 5) / 8
 
 
 def test_geometric_mean_is_exp_mean_log_not_exact():

@@ -29,7 +29,7 @@ import tensorboardX
 import tqdm
 
 from tt_jax.errors import UserInputError
-from tt_jax.metrics import METRIC_NAMES
+from tt_jax.metrics import REFERENCE_METRIC_NAMES as METRIC_NAMES  # the table's columns
 
 T = TypeVar("T")
 
