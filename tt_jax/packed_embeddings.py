@@ -19,6 +19,7 @@ from typing import Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from tt_jax import parallel
@@ -166,22 +167,40 @@ def _padded_rows(array: jax.Array, rows: int) -> jax.Array:
     return jnp.pad(array, [(0, rows - array.shape[0])] + [(0, 0)] * (array.ndim - 1))
 
 
+def _host_rows_on_mesh(array: np.ndarray, rows: int, sharding: NamedSharding) -> jax.Array:
+    """A host array zero-padded to `rows`, placed piece by piece: each process builds only the
+    pieces of its own devices (no padded copy of the whole array on the host)."""
+    array = np.asarray(array, np.float32)
+
+    def piece(index):
+        wanted = index[0]
+        start, stop, _ = wanted.indices(rows)
+        part = array[start:min(stop, array.shape[0])]
+        return np.pad(part, [(0, (stop - start) - part.shape[0])] + [(0, 0)] * (array.ndim - 1))
+
+    with jax.transfer_guard_host_to_device("allow"):
+        return jax.make_array_from_callback((rows,) + array.shape[1:], sharding, piece)
+
+
+def _placed(tree, rows: int, sharding: NamedSharding):
+    """Every leaf padded to `rows` and laid out with `sharding` (as is, where it already is)."""
+    if all(isinstance(leaf, jax.Array) for leaf in tree):
+        if all(leaf.shape[0] == rows and leaf.sharding.is_equivalent_to(sharding, leaf.ndim) for leaf in tree):
+            return tree
+        pad = jax.jit(lambda t: jax.tree.map(lambda leaf: _padded_rows(leaf, rows), t), out_shardings=sharding)
+        return pad(tree)
+    return type(tree)(*(_host_rows_on_mesh(jax.device_get(leaf), rows, sharding) for leaf in tree))
+
+
 def place_gallery(gallery: PackedGallery, layout: GalleryLayout, mesh: Mesh) -> PackedGallery:
-    """The gallery padded to `layout` and sharded by rows (as is, if it already is)."""
+    """The gallery padded to `layout` and sharded by rows over the mesh (as is, if it already is)."""
     rows = gallery.vectors.shape[0]
-    if rows == layout.padded_videos and all(
-        isinstance(leaf, jax.Array) and leaf.sharding.is_equivalent_to(gallery_sharding(mesh), leaf.ndim)
-        for leaf in gallery
-    ):
-        return gallery
     if rows not in (layout.num_videos, layout.padded_videos):
         raise UserInputError(
             f"the gallery has {rows} rows; expected {layout.num_videos} videos (or {layout.padded_videos} "
             "rows padded to whole blocks)"
         )
-    pad = jax.jit(lambda tree: jax.tree.map(lambda leaf: _padded_rows(leaf, layout.padded_videos), tree),
-                  out_shardings=gallery_sharding(mesh))
-    return pad(PackedGallery(*(jnp.asarray(leaf) if not isinstance(leaf, jax.Array) else leaf for leaf in gallery)))
+    return _placed(gallery, layout.padded_videos, gallery_sharding(mesh))
 
 
 def place_queries(queries: PackedQueries, layout: GalleryLayout, mesh: Mesh) -> PackedQueries:
@@ -189,9 +208,7 @@ def place_queries(queries: PackedQueries, layout: GalleryLayout, mesh: Mesh) -> 
     its share of the gallery)."""
     if queries.vectors.shape[0] != layout.num_queries:
         raise UserInputError(f"expected {layout.num_queries} queries, got {queries.vectors.shape[0]}")
-    pad = jax.jit(lambda tree: jax.tree.map(lambda leaf: _padded_rows(leaf, layout.padded_queries), tree),
-                  out_shardings=parallel.replicated(mesh))
-    return pad(PackedQueries(*(jnp.asarray(leaf) if not isinstance(leaf, jax.Array) else leaf for leaf in queries)))
+    return _placed(queries, layout.padded_queries, parallel.replicated(mesh))
 
 
 def check_dimensions(queries: PackedQueries, gallery: PackedGallery) -> None:

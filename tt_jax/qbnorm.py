@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import NamedTuple, Optional
+from typing import Any, Mapping, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -89,6 +89,16 @@ def bank_rows(num_captions: int, settings: QBNormSettings) -> np.ndarray:
         return np.arange(num_captions)
     chosen = np.random.default_rng(settings.seed).choice(num_captions, settings.bank_size, replace=False)
     return np.sort(chosen)
+
+
+def bank_store(stores: Mapping[str, Any], settings: QBNormSettings) -> Any:
+    """The store of the bank's split, or a message naming the splits there are."""
+    if settings.bank not in stores:
+        raise QBNormError(
+            f"qbnorm.bank names no split {settings.bank!r}; this dataset has {', '.join(stores)}: "
+            "choose one of them for the query bank (the training split by default)"
+        )
+    return stores[settings.bank]
 
 
 def check_neighbours(settings: QBNormSettings, bank_size: int, num_videos: int) -> None:
