@@ -112,6 +112,7 @@ __all__ = [
     "check_batch_divisible",
     "first_local_row",
     "gather_rows",
+    "host_values",
     "global_batch_from_process_data",
     "make_mesh",
     "put_replicated",
@@ -119,6 +120,20 @@ __all__ = [
     "shard_host_arrays",
     "sum_over_devices",
 ]
+
+
+def host_values(tree: Any) -> Any:
+    """numpy copies of global arrays on every process, also of arrays sharded over the devices
+    of other processes (gathered from them; `jax.device_get` can only read local data)."""
+
+    def fetch(leaf):
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable and not leaf.is_fully_replicated:
+            from jax.experimental import multihost_utils
+
+            return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
+        return np.asarray(jax.device_get(leaf))
+
+    return jax.tree.map(fetch, tree)
 
 
 def wait_for_every_process(what: str) -> None:

@@ -40,7 +40,7 @@ from tt_jax.packed_embeddings import (
     place_gallery,
     place_queries,
 )
-from tt_jax.streamed_ranks import _varying
+from tt_jax.streamed_ranks import _from_holder, _varying
 
 
 class SearchError(UserInputError):
@@ -88,7 +88,9 @@ def _local_top_k(queries, gallery, *, layout, k, keep_missing_modalities, approx
     all_scores = jax.lax.all_gather(scores, parallel.DATA_AXIS, axis=1, tiled=True)  # [Qp, N*k], device order
     all_videos = jax.lax.all_gather(videos, parallel.DATA_AXIS, axis=1, tiled=True)
     top, position = jax.lax.top_k(all_scores, k)
-    return top, jnp.take_along_axis(all_videos, position, axis=1)
+    # Every device now holds the same lists; the first device's, as a replicated value.
+    first = jax.lax.axis_index(parallel.DATA_AXIS) == 0
+    return _from_holder(top, first), _from_holder(jnp.take_along_axis(all_videos, position, axis=1), first)
 
 
 @functools.lru_cache(maxsize=16)

@@ -284,13 +284,13 @@ def streamed_ranks(
         placed_queries, *rows_on_mesh, placed_gallery,
         None if rescoring is None else rescoring.offsets, rescoring.activation if dynamic else None,
     )
-    non_finite = int(jax.device_get(counts.non_finite))
+    non_finite = int(parallel.host_values(counts.non_finite))
     if non_finite:
         raise UserInputError(
             f"{non_finite} similarities are NaN or inf (a video with no expert, or non-finite embeddings); "
             "check the gallery's availability and the embeddings"
         )
-    doubled_t2v, doubled_v2t, has_rankable, rescored = jax.device_get(
+    doubled_t2v, doubled_v2t, has_rankable, rescored = parallel.host_values(
         (counts.doubled_t2v, counts.doubled_v2t, counts.has_rankable_caption, counts.rescored)
     )
     t2v = (np.asarray(doubled_t2v[: layout.num_queries], np.float64) - 1) / 2
