@@ -165,3 +165,13 @@ def test_queries_and_gallery_of_different_experts_are_refused():
     _, gallery = random_problem(np.random.default_rng(6), 3, 5, experts=2)
     with pytest.raises(UserInputError, match="pack both with the same experts"):
         streamed_ranks(queries, gallery, np.array([0, 1, 2]))
+
+
+def test_a_gallery_too_large_for_the_devices_says_what_it_needs(monkeypatch):
+    from tt_jax import packed_embeddings
+
+    queries, gallery = random_problem(np.random.default_rng(7), 10, 4000)
+    monkeypatch.setattr(packed_embeddings, "device_bytes_free", lambda mesh: 100_000)
+    with pytest.raises(UserInputError, match=r"ranking 10 queries against 4,000 videos needs about .* GiB on each of "
+                                             r"the 2 devices \(its share of the gallery .*use more devices"):
+        streamed_ranks(queries, gallery, np.arange(10), mesh=parallel.make_mesh(2), block=64)

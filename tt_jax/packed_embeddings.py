@@ -15,7 +15,7 @@ zeros, and `num_videos` says which rows are real.
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping, NamedTuple, Sequence
+from typing import Mapping, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -158,6 +158,48 @@ class GalleryLayout:
         return self.padded_videos // self.num_devices
 
 
+# Live [B, B] arrays while a block is ranked (similarities, order keys, masks, rank points): an
+# upper bound used only to say whether a problem fits.
+_BLOCK_TEMPORARIES = 8
+
+
+def device_bytes_free(mesh: Mesh) -> Optional[int]:
+    """Memory one device of the mesh can still take: the allocator's limit on an accelerator; on a
+    CPU the host's available memory shared by its devices; None where neither is known."""
+    device = mesh.devices.flat[0]
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if stats and "bytes_limit" in stats:
+        return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024 // max(1, len(jax.local_devices()))
+    except OSError:
+        return None
+    return None
+
+
+def check_fits(layout: "GalleryLayout", dims: int, experts: int, mesh: Mesh, *, gallery_placed: bool) -> None:
+    """Refuses, before any work, a problem whose streamed form does not fit one device: its share
+    of the gallery, every query, and the blocks in flight."""
+    row_bytes = 4 * (dims + experts)
+    parts = {
+        "its share of the gallery": 0 if gallery_placed else layout.videos_per_device * row_bytes,
+        "the queries": layout.padded_queries * (row_bytes + 6 * 4),
+        "the blocks in flight": _BLOCK_TEMPORARIES * 4 * layout.block**2,
+    }
+    needed, free = sum(parts.values()), device_bytes_free(mesh)
+    if free is not None and needed > free:
+        shown = ", ".join(f"{name} {size / 2**30:.2f} GiB" for name, size in parts.items() if size)
+        raise UserInputError(
+            f"ranking {layout.num_queries:,} queries against {layout.num_videos:,} videos needs about "
+            f"{needed / 2**30:.2f} GiB on each of the {layout.num_devices} devices ({shown}), and a device has "
+            f"{free / 2**30:.2f} GiB free: use more devices (the gallery is split over them), rank the queries "
+            "in several calls, or pass a smaller block"
+        )
+
+
 def gallery_sharding(mesh: Mesh) -> NamedSharding:
     """Rows of the gallery split over every device of the mesh."""
     return NamedSharding(mesh, PartitionSpec(parallel.DATA_AXIS))
@@ -200,6 +242,10 @@ def place_gallery(gallery: PackedGallery, layout: GalleryLayout, mesh: Mesh) -> 
             f"the gallery has {rows} rows; expected {layout.num_videos} videos (or {layout.padded_videos} "
             "rows padded to whole blocks)"
         )
+    placed = rows == layout.padded_videos and all(
+        isinstance(leaf, jax.Array) and leaf.sharding.is_equivalent_to(gallery_sharding(mesh), leaf.ndim) for leaf in gallery
+    )
+    check_fits(layout, gallery.vectors.shape[1], gallery.availability.shape[1], mesh, gallery_placed=placed)
     return _placed(gallery, layout.padded_videos, gallery_sharding(mesh))
 
 
