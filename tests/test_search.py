@@ -66,7 +66,10 @@ def test_search_by_caption_and_by_token_features_agree_with_the_evaluator_ranks(
     variables = init_variables(model, jax.random.key(3))
     ranks = Evaluator(model, store, "poor").run(variables, return_ranks=True)["ranks"].text_to_video
     captions = [(v, c) for v in range(store.num_videos) for c in range(store.max_captions) if store.caption_mask[v, c]]
-    found = search(store, model=model, variables=variables, text_name="poor", captions=captions, k=store.num_videos)
+    raw = {video_id: [f"{video_id} caption {c}" for c in range(store.max_captions)] for video_id in store.video_ids}
+    found = search(store, model=model, variables=variables, text_name="poor", captions=captions, k=store.num_videos,
+                   raw_captions=raw)
+    assert found.query_captions == [raw[store.video_ids[v]][c] for v, c in captions]
     assert found.videos.shape == (len(captions), store.num_videos)
     # A caption's rank is the position of its own video in its list (no ties in random features).
     positions = np.array([list(row).index(v) for row, (v, _) in zip(found.videos, captions)])
@@ -79,9 +82,6 @@ def test_search_by_caption_and_by_token_features_agree_with_the_evaluator_ranks(
     by_features = search(store, model=model, variables=variables, text_name="poor", text_features=features, k=3)
     np.testing.assert_array_equal(by_features.videos, found.videos[:4, :3])
     np.testing.assert_allclose(by_features.scores, found.scores[:4, :3], rtol=1e-5, atol=1e-6)
-    raw = {video_id: [f"{video_id} caption {c}" for c in range(store.max_captions)] for video_id in store.video_ids}
-    named = search(store, model=model, variables=variables, text_name="poor", captions=captions[:2], k=1, raw_captions=raw)
-    assert named.query_captions == [raw[store.video_ids[v]][c] for v, c in captions[:2]]
 
 
 def test_search_refuses_queries_it_cannot_read():

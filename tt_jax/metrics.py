@@ -72,7 +72,7 @@ def _working_dtype(dtype: Any) -> np.dtype:
     return np.dtype(np.float32)
 
 
-def _order_preserving_integers(values: jax.Array) -> jax.Array:
+def order_preserving_integers(values: jax.Array) -> jax.Array:
     """Maps floats to signed integers with the same order and the same ties.
 
     Integer comparisons are exact on every backend, whereas XLA on CPU flushes subnormal floats
@@ -85,7 +85,7 @@ def _order_preserving_integers(values: jax.Array) -> jax.Array:
     return jnp.where(bits < 0, -magnitude, bits)
 
 
-def _half_rank_points(candidates: jax.Array, target: jax.Array) -> jax.Array:
+def half_rank_points(candidates: jax.Array, target: jax.Array) -> jax.Array:
     """2 per candidate above `target`, 1 per tie: summed, minus 1, that is twice the rank.
 
     rank = #(higher) + (#(equal) - 1) / 2, the mean position of the target among its ties once the
@@ -95,7 +95,7 @@ def _half_rank_points(candidates: jax.Array, target: jax.Array) -> jax.Array:
 
 
 def _missing_caption_key(dtype: Any) -> jax.Array:
-    return _order_preserving_integers(jnp.asarray(MISSING_CAPTION_SIMILARITY, dtype))
+    return order_preserving_integers(jnp.asarray(MISSING_CAPTION_SIMILARITY, dtype))
 
 
 def _best_caption_per_video(
@@ -107,7 +107,7 @@ def _best_caption_per_video(
     video by its best caption: a rank only grows with the distance, so the minimum over captions
     that the reference loops for is the rank of the highest similarity.
     """
-    keys = _order_preserving_integers(own_captions)
+    keys = order_preserving_integers(own_captions)
     sentinel = _missing_caption_key(own_captions.dtype)
     if missing_caption_sentinel:
         # Reference: masked captions become the sentinel, then any caption equal to the sentinel
@@ -146,13 +146,13 @@ def _count_block(
     row_ids = first_row + jnp.arange(num_rows)
     is_new_row = row_ids >= first_new_row
 
-    keys = _order_preserving_integers(block)
+    keys = order_preserving_integers(block)
     relevant = jnp.take_along_axis(keys, (row_ids // captions_per_video)[:, None], axis=1)
     # One variadic reduction over the row counts both the rank points and the NaN/inf entries:
     # XLA then reads the block once for the two (twice as fast on CPU as two sums).
     t2v_points, non_finite_per_row = jax.lax.reduce(
         (
-            _half_rank_points(keys, relevant).astype(jnp.int32),
+            half_rank_points(keys, relevant).astype(jnp.int32),
             (~jnp.isfinite(block)).astype(jnp.int32),
         ),
         (jnp.int32(0), jnp.int32(0)),
@@ -168,7 +168,7 @@ def _count_block(
         column_keys = keys
         counted = is_new_row & block_is_real
     v2t_points = jnp.where(
-        counted[:, None], _half_rank_points(column_keys, best_caption[None, :]), 0
+        counted[:, None], half_rank_points(column_keys, best_caption[None, :]), 0
     )
     return _BlockCounts(
         doubled_t2v_ranks=t2v_points - 1,

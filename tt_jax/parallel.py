@@ -106,11 +106,24 @@ def sum_over_devices(x: jax.Array) -> jax.Array:
     return jax.lax.psum(x, DATA_AXIS)
 
 
+def varying_over_devices(tree: Any) -> Any:
+    """Inside shard_map: marks values (loop carries) as differing between devices, as values
+    computed from each device's own rows do."""
+    return jax.tree.map(lambda leaf: jax.lax.pcast(leaf, (DATA_AXIS,), to="varying"), tree)
+
+
+def from_holder(values: jax.Array, here: jax.Array) -> jax.Array:
+    """Inside shard_map: on every device, the values of the one device for which `here` holds
+    (the others add an exact zero), e.g. what the device holding a row computed about it."""
+    return jax.lax.psum(jax.numpy.where(here, values, jax.numpy.zeros_like(values)), DATA_AXIS)
+
+
 __all__ = [
     "DATA_AXIS",
     "batch_sharded",
     "check_batch_divisible",
     "first_local_row",
+    "from_holder",
     "gather_rows",
     "host_values",
     "global_batch_from_process_data",
@@ -119,6 +132,7 @@ __all__ = [
     "replicated",
     "shard_host_arrays",
     "sum_over_devices",
+    "varying_over_devices",
 ]
 
 

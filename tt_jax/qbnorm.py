@@ -40,7 +40,7 @@ from tt_jax.packed_embeddings import (
     place_gallery,
     place_queries,
 )
-from tt_jax.streamed_ranks import Rescoring, _varying
+from tt_jax.streamed_ranks import Rescoring
 
 METHODS = ("dis", "is", "csls")
 # Neighbours per method when not given: DIS's activation set from each bank query's top-1
@@ -164,7 +164,7 @@ def _local_bank_statistics(bank, bank_valid, gallery, *, layout, method, beta, k
             return offsets, neighbours, non_finite, top_values, top_videos
 
         offsets, neighbours, non_finite, top_values, top_videos = jax.lax.fori_loop(
-            0, video_blocks, video_block, (offsets, neighbours, non_finite, *_varying((top_values, top_videos)))
+            0, video_blocks, video_block, (offsets, neighbours, non_finite, *parallel.varying_over_devices((top_values, top_videos)))
         )
         if method == "dis":
             # Every device's top k, merged in device order (= video order, so ties keep the lowest index).
@@ -182,7 +182,7 @@ def _local_bank_statistics(bank, bank_valid, gallery, *, layout, method, beta, k
         jnp.full((local_videos, k if method == "csls" else 1), -jnp.inf, jnp.float32),
         jnp.zeros((), jnp.int32),
     )
-    offsets, activation, neighbours, non_finite = jax.lax.fori_loop(0, bank_blocks, bank_block, _varying(carry))
+    offsets, activation, neighbours, non_finite = jax.lax.fori_loop(0, bank_blocks, bank_block, parallel.varying_over_devices(carry))
     if method == "csls":
         offsets = jnp.mean(neighbours, axis=1)
     return _BankStatistics(offsets, activation, parallel.sum_over_devices(non_finite))

@@ -30,6 +30,7 @@ from jax.sharding import Mesh, PartitionSpec
 from tt_jax import parallel
 from tt_jax.data.feature_store import FeatureStore
 from tt_jax.errors import UserInputError
+from tt_jax.evaluate import Evaluator
 from tt_jax.packed_embeddings import (
     GalleryLayout,
     PackedGallery,
@@ -40,7 +41,7 @@ from tt_jax.packed_embeddings import (
     place_gallery,
     place_queries,
 )
-from tt_jax.streamed_ranks import _from_holder, _varying
+from tt_jax.trained import load_trained
 
 
 class SearchError(UserInputError):
@@ -84,13 +85,13 @@ def _local_top_k(queries, gallery, *, layout, k, keep_missing_modalities, approx
 
     start = (jnp.full((layout.padded_queries, k), -jnp.inf, jnp.float32),
              jnp.full((layout.padded_queries, k), -1, jnp.int32))
-    scores, videos = jax.lax.fori_loop(0, query_blocks * video_blocks, visit, _varying(start))
+    scores, videos = jax.lax.fori_loop(0, query_blocks * video_blocks, visit, parallel.varying_over_devices(start))
     all_scores = jax.lax.all_gather(scores, parallel.DATA_AXIS, axis=1, tiled=True)  # [Qp, N*k], device order
     all_videos = jax.lax.all_gather(videos, parallel.DATA_AXIS, axis=1, tiled=True)
     top, position = jax.lax.top_k(all_scores, k)
     # Every device now holds the same lists; the first device's, as a replicated value.
     first = jax.lax.axis_index(parallel.DATA_AXIS) == 0
-    return _from_holder(top, first), _from_holder(jnp.take_along_axis(all_videos, position, axis=1), first)
+    return parallel.from_holder(top, first), parallel.from_holder(jnp.take_along_axis(all_videos, position, axis=1), first)
 
 
 @functools.lru_cache(maxsize=16)
@@ -174,9 +175,6 @@ def search(
     raw_captions: {video id: [sentence, ...]} (`tt_jax.data.release.read_raw_captions`), to name
       the query captions in the result.
     """
-    from tt_jax.evaluate import Evaluator  # evaluate imports this module's neighbours; import late
-    from tt_jax.trained import load_trained
-
     if (captions is None) == (text_features is None):
         raise SearchError("search needs queries: captions=[(video, caption), ...] or text_features=[Q, tokens, dim], one of them")
     if (workdir is None) == (model is None):

@@ -30,7 +30,7 @@ from jax.sharding import Mesh, PartitionSpec
 
 from tt_jax import parallel
 from tt_jax.errors import UserInputError
-from tt_jax.metrics import MISSING_CAPTION_SIMILARITY, RetrievalRanks, _half_rank_points, _order_preserving_integers
+from tt_jax.metrics import MISSING_CAPTION_SIMILARITY, RetrievalRanks, half_rank_points, order_preserving_integers
 from tt_jax.packed_embeddings import (
     GalleryLayout,
     PackedGallery,
@@ -73,18 +73,6 @@ def _add_at(total: jax.Array, start, part: jax.Array) -> jax.Array:
     )
 
 
-def _varying(tree):
-    """Inside shard_map: marks loop carries as differing between devices (they depend on each
-    device's share of the gallery)."""
-    return jax.tree.map(lambda leaf: jax.lax.pcast(leaf, (parallel.DATA_AXIS,), to="varying"), tree)
-
-
-def _from_holder(values_here: jax.Array, here: jax.Array) -> jax.Array:
-    """Inside shard_map: the value computed by the one device for which `here` holds (the
-    others add an exact zero)."""
-    return parallel.sum_over_devices(jnp.where(here, values_here, jnp.zeros_like(values_here)))
-
-
 def _local_counts(
     queries: PackedQueries,
     targets: jax.Array,
@@ -115,12 +103,12 @@ def _local_counts(
         values = pair_similarity(_rows(queries, start, block), videos, keep_missing_modalities=keep_missing_modalities)
         return jax.lax.dynamic_update_slice_in_dim(own, values, start, axis=0)
 
-    own = jax.lax.fori_loop(0, query_blocks, own_block, _varying(jnp.zeros(layout.padded_queries, jnp.float32)))
-    own = _from_holder(own, target_here)
-    own_keys = _order_preserving_integers(own)
+    own = jax.lax.fori_loop(0, query_blocks, own_block, parallel.varying_over_devices(jnp.zeros(layout.padded_queries, jnp.float32)))
+    own = parallel.from_holder(own, target_here)
+    own_keys = order_preserving_integers(own)
 
     # v2t: a video is ranked by its best rankable caption (metrics._best_caption_per_video).
-    sentinel = _order_preserving_integers(jnp.asarray(MISSING_CAPTION_SIMILARITY, jnp.float32))
+    sentinel = order_preserving_integers(jnp.asarray(MISSING_CAPTION_SIMILARITY, jnp.float32))
     rankable = is_real & (own_keys != sentinel) if missing_caption_sentinel else is_real
     segment = jnp.where(rankable & target_here, local_target, local_videos)
     best_caption = jax.ops.segment_max(jnp.where(rankable, own_keys, _LOWEST_KEY), segment, local_videos + 1)[:local_videos]
@@ -128,8 +116,8 @@ def _local_counts(
 
     if scale is not None:
         safe_target = jnp.clip(local_target, 0, local_videos - 1)
-        own_offsets = _from_holder(offsets[safe_target], target_here)
-        own_rescored_keys = _order_preserving_integers(scale * own - own_offsets)
+        own_offsets = parallel.from_holder(offsets[safe_target], target_here)
+        own_rescored_keys = order_preserving_integers(scale * own - own_offsets)
 
     def visit(index, carry):
         doubled_t2v, doubled_t2v_rescored, doubled_v2t, non_finite, top_key, top_video = carry
@@ -140,9 +128,9 @@ def _local_counts(
         block_targets = jax.lax.dynamic_slice_in_dim(targets, query_start, block)
         is_own = block_targets[:, None] == video_ids[None, :]
         block_own = jax.lax.dynamic_slice_in_dim(own_keys, query_start, block)
-        keys = jnp.where(is_own, block_own[:, None], _order_preserving_integers(sims))
+        keys = jnp.where(is_own, block_own[:, None], order_preserving_integers(sims))
 
-        t2v_points = jnp.sum(jnp.where(valid, _half_rank_points(keys, block_own[:, None]), 0), axis=1, dtype=jnp.int32)
+        t2v_points = jnp.sum(jnp.where(valid, half_rank_points(keys, block_own[:, None]), 0), axis=1, dtype=jnp.int32)
         doubled_t2v = _add_at(doubled_t2v, query_start, t2v_points)
 
         block_real = jax.lax.dynamic_slice_in_dim(is_real, query_start, block)[:, None]
@@ -152,15 +140,15 @@ def _local_counts(
         else:
             column_keys, counted = keys, block_real
         block_best = jax.lax.dynamic_slice_in_dim(best_caption, video_start, block)
-        v2t_points = jnp.sum(jnp.where(counted, _half_rank_points(column_keys, block_best[None, :]), 0), axis=0, dtype=jnp.int32)
+        v2t_points = jnp.sum(jnp.where(counted, half_rank_points(column_keys, block_best[None, :]), 0), axis=0, dtype=jnp.int32)
         doubled_v2t = _add_at(doubled_v2t, video_start, v2t_points)
         non_finite = non_finite + jnp.sum(~jnp.isfinite(sims) & valid & block_in_layout, dtype=jnp.int32)
 
         if scale is not None:
             block_offsets = jax.lax.dynamic_slice_in_dim(offsets, video_start, block)
             block_rescored_own = jax.lax.dynamic_slice_in_dim(own_rescored_keys, query_start, block)
-            rescored = jnp.where(is_own, block_rescored_own[:, None], _order_preserving_integers(scale * sims - block_offsets[None, :]))
-            points = jnp.sum(jnp.where(valid, _half_rank_points(rescored, block_rescored_own[:, None]), 0), axis=1, dtype=jnp.int32)
+            rescored = jnp.where(is_own, block_rescored_own[:, None], order_preserving_integers(scale * sims - block_offsets[None, :]))
+            points = jnp.sum(jnp.where(valid, half_rank_points(rescored, block_rescored_own[:, None]), 0), axis=1, dtype=jnp.int32)
             doubled_t2v_rescored = _add_at(doubled_t2v_rescored, query_start, points)
             # The raw top-1 video of each query (the lowest index among ties).
             candidates = jnp.where(valid, keys, _LOWEST_KEY)
@@ -177,7 +165,7 @@ def _local_counts(
     carry = (zeros_q, zeros_q, jnp.zeros(local_videos, jnp.int32), jnp.zeros((), jnp.int32),
              jnp.full(layout.padded_queries, _LOWEST_KEY, jnp.int32), zeros_q)
     doubled_t2v, doubled_t2v_rescored, doubled_v2t, non_finite, top_key, top_video = jax.lax.fori_loop(
-        0, query_blocks * video_blocks, visit, _varying(carry)
+        0, query_blocks * video_blocks, visit, parallel.varying_over_devices(carry)
     )
     doubled_t2v = parallel.sum_over_devices(doubled_t2v)
     rescored = jnp.zeros(layout.padded_queries, bool)
@@ -192,7 +180,7 @@ def _local_counts(
             winner = jnp.argmax(all_keys, axis=0)
             mine = winner == jax.lax.axis_index(parallel.DATA_AXIS)
             active = activation[jnp.clip(top_video - first_video, 0, local_videos - 1)]
-            rescored = _from_holder(active.astype(jnp.int32), mine) > 0
+            rescored = parallel.from_holder(active.astype(jnp.int32), mine) > 0
         doubled_t2v = jnp.where(rescored, doubled_t2v_rescored, doubled_t2v)
     return _Counts(doubled_t2v, doubled_v2t, has_rankable, parallel.sum_over_devices(non_finite), rescored)
 
