@@ -15,6 +15,7 @@ zeros, and `num_videos` says which rows are real.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Mapping, NamedTuple, Optional, Sequence
 
 import jax
@@ -224,13 +225,18 @@ def _host_rows_on_mesh(array: np.ndarray, rows: int, sharding: NamedSharding) ->
         return jax.make_array_from_callback((rows,) + array.shape[1:], sharding, piece)
 
 
+@functools.lru_cache(maxsize=64)
+def _pad_function(rows: int, sharding: NamedSharding):
+    """One compiled padding per (rows, sharding): an evaluator pads the same shapes every epoch."""
+    return jax.jit(lambda tree: jax.tree.map(lambda leaf: _padded_rows(leaf, rows), tree), out_shardings=sharding)
+
+
 def _placed(tree, rows: int, sharding: NamedSharding):
     """Every leaf padded to `rows` and laid out with `sharding` (as is, where it already is)."""
     if all(isinstance(leaf, jax.Array) for leaf in tree):
         if all(leaf.shape[0] == rows and leaf.sharding.is_equivalent_to(sharding, leaf.ndim) for leaf in tree):
             return tree
-        pad = jax.jit(lambda t: jax.tree.map(lambda leaf: _padded_rows(leaf, rows), t), out_shardings=sharding)
-        return pad(tree)
+        return _pad_function(rows, sharding)(tree)
     return type(tree)(*(_host_rows_on_mesh(jax.device_get(leaf), rows, sharding) for leaf in tree))
 
 
