@@ -1,6 +1,5 @@
 """Two processes x 2 CPU devices (jax.distributed over loopback) compute what 1 process x 4 devices
-computes: the train step, streamed ranks with QB-Norm and top-k, and the whole recipe with its
-Orbax checkpoints."""
+computes: the train step, and the whole recipe with its Orbax checkpoints."""
 
 import json
 import os
@@ -76,11 +75,7 @@ def test_two_processes_of_two_devices_give_the_one_process_result(tmp_path):
     assert int(one["devices"]) == int(two["devices"]) == 4
     assert set(one.files) == set(two.files)
     for name in one.files:
-        if name.startswith("retrieval_"):  # ranks and top-k: the same programs per block, the same numbers
-            np.testing.assert_array_equal(two[name], one[name], err_msg=name)
-        else:
-            np.testing.assert_allclose(two[name], one[name], rtol=1e-5, atol=1e-6, err_msg=name)
-    assert {"retrieval_t2v", "retrieval_dis_t2v", "retrieval_top_videos"} <= set(one.files)
+        np.testing.assert_allclose(two[name], one[name], rtol=1e-5, atol=1e-6, err_msg=name)
     # The steps did something: the second step's loss differs from the first one's.
     assert not np.allclose(one["losses"][0], one["losses"][1])
 
