@@ -1,4 +1,5 @@
-"""Two TeachText train steps in one process of a `jax.distributed` run (run by test_multiprocess).
+"""Two TeachText train steps, then streamed ranks, QB-Norm and top-k of a gallery sharded over
+every device, in one process of a `jax.distributed` run (run by test_multiprocess).
 
     python tests/multiprocess_step.py OUT PROCESS_ID NUM_PROCESSES PORT
 
@@ -16,7 +17,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from tt_jax import objective, optim, parallel, train  # noqa: E402
+from tt_jax import objective, optim, parallel, qbnorm, train  # noqa: E402
+from tt_jax.packed_embeddings import PackedGallery, PackedQueries  # noqa: E402
+from tt_jax.search import top_k  # noqa: E402
+from tt_jax.streamed_ranks import streamed_ranks  # noqa: E402
 from tt_jax.data import sampler  # noqa: E402
 from tt_jax.data.synthetic import make_synthetic_dataset  # noqa: E402
 from tt_jax.models import ExpertConfig, ModelConfig, build_model, init_variables  # noqa: E402
@@ -35,6 +39,22 @@ def model_config(text_dim: int) -> ModelConfig:
         text_max_tokens=4,
         shared_dim=6,
     )
+
+
+def retrieval_outputs(mesh) -> dict:
+    """Streamed ranks, DIS ranks and top-k of random packed embeddings (the same on every
+    process), the gallery sharded over every device of every process."""
+    rng = np.random.default_rng(5)
+    gallery = PackedGallery(rng.normal(size=(37, 6)).astype(np.float32), np.ones((37, 2), np.float32))
+    queries = PackedQueries(rng.normal(size=(45, 6)).astype(np.float32), np.full((45, 2), 0.5, np.float32))
+    bank = PackedQueries(rng.normal(size=(9, 6)).astype(np.float32), np.full((9, 2), 0.5, np.float32))
+    targets, masks = np.arange(45) % 37, (rng.random(45) > 0.2).astype(np.float32)
+    plain = streamed_ranks(queries, gallery, targets, masks, mesh=mesh, block=8).ranks
+    rescoring = qbnorm.rescoring(qbnorm.QBNormSettings("dis", beta=20.0), bank, gallery, mesh=mesh, block=8)
+    normalised = streamed_ranks(queries, gallery, targets, masks, mesh=mesh, block=8, rescoring=rescoring).ranks
+    scores, videos = top_k(queries, gallery, 5, mesh=mesh, block=8)
+    return {"retrieval_t2v": plain.text_to_video, "retrieval_v2t": plain.video_to_text,
+            "retrieval_dis_t2v": normalised.text_to_video, "retrieval_top_videos": videos, "retrieval_top_scores": scores}
 
 
 def main(out: str, process_id: int, num_processes: int, port: int) -> None:
@@ -80,6 +100,7 @@ def main(out: str, process_id: int, num_processes: int, port: int) -> None:
         jax.tree_util.keystr(path): np.asarray(leaf)
         for path, leaf in jax.tree_util.tree_leaves_with_path(state.variables)
     }
+    flat.update(retrieval_outputs(mesh))
     if jax.process_index() == 0:
         np.savez(out, losses=np.array(losses), devices=jax.device_count(), **flat)
     if num_processes > 1:

@@ -214,6 +214,7 @@ _SAVE_LOOP = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # a subprocess killed mid-save
 def test_a_save_killed_with_sigkill_leaves_a_consistent_checkpoint(tmp_path):
     script = tmp_path / "save_loop.py"
     script.write_text(_SAVE_LOOP)

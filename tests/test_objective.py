@@ -162,8 +162,12 @@ def test_one_device_matches_the_unsharded_computation(student):
     assert_trees_close(sharded["batch_stats"], reference["batch_stats"], "batch_stats")
 
 
-@pytest.mark.parametrize("num_devices,student", [(2, "every_expert"), (4, "every_expert"), (8, "every_expert"),
-                                                 (2, "teachvideo"), (8, "teachvideo")])
+@pytest.mark.parametrize(
+    "num_devices,student",
+    # 2 and 4 devices in the slow job: 8 devices split every batch and gallery the furthest.
+    [pytest.param(n, s, marks=pytest.mark.slow) if n < 8 else (n, s)
+     for n, s in [(2, "every_expert"), (4, "every_expert"), (8, "every_expert"), (2, "teachvideo"), (8, "teachvideo")]],
+)
 def test_n_devices_match_one_device(num_devices, student):
     assert jax.device_count() >= num_devices, "tests run with 8 fake CPU devices (see conftest.py)"
     one, many = sharded_step(1, student), sharded_step(num_devices, student)

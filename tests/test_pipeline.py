@@ -103,6 +103,7 @@ def reference_teacher_config(checkpoint, **entry):
     return config
 
 
+@pytest.mark.slow  # a further training run; the .pth trust check stays in the default suite
 def test_a_reference_pth_teacher_teaches_as_the_run_it_came_from(recipe, tmp_path):
     """The same teacher weights read from a reference PyTorch checkpoint (through the converter)
     instead of our run directory: the distilled student ends bit-for-bit the same."""
@@ -165,6 +166,7 @@ def distilled_config(workdir, terms):
     return config
 
 
+@pytest.mark.slow  # a further training run
 def test_a_run_logs_each_term_its_schedule_and_the_mask_it_learns(recipe, tmp_path):
     """Every term's value, a scheduled weight and the adaptive mask are in metrics.jsonl, and the
     logged loss is the ranking loss plus each weight times its term."""
@@ -193,6 +195,7 @@ def test_a_run_logs_each_term_its_schedule_and_the_mask_it_learns(recipe, tmp_pa
     assert masks[1] != pytest.approx(1 / batch) and masks[2] != pytest.approx(masks[1])
 
 
+@pytest.mark.slow  # a further training run
 def test_the_released_mask_that_is_never_rebuilt_stays_uniform(recipe, tmp_path):
     workdir, _ = recipe
     terms = [dict(method="linas_relational", mask="adapt", rebuild_mask=False, mask_learning_rate=0.1)]

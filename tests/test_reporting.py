@@ -11,7 +11,7 @@ from tensorboardX.proto import event_pb2
 from tensorboardX.record_writer import masked_crc32c
 
 from tt_jax import reporting
-from tt_jax.metrics import METRIC_NAMES
+from tt_jax.metrics import METRIC_NAMES, REFERENCE_METRIC_NAMES
 from tt_jax.reporting import MetricWriter, ReportError
 
 
@@ -115,9 +115,12 @@ def test_progress_is_a_plain_iterator_unless_shown(capsys):
     assert "train" in capsys.readouterr().err
 
 
-def _metrics(r1: float, medr: float = 3.0) -> dict:
+def _metrics(r1: float, medr: float = 3.0, r100: float | None = None) -> dict:
     values = dict(R1=r1, R5=r1 + 20, R10=r1 + 30, R50=r1 + 50, MedR=medr, MeanR=medr * 4)
     values["geometric_mean_R1-R5-R10"] = float(np.cbrt(r1 * (r1 + 20) * (r1 + 30)))
+    if r100 is not None:  # runs evaluated before R@100 and SumR existed have neither
+        values["R100"] = r100
+        values["SumR"] = r1 + (r1 + 20) + (r1 + 30) + r100
     return values
 
 
@@ -125,9 +128,9 @@ _RESULTS = {
     "teacher_mnet": {"test": {0: {"t2v": _metrics(20.0), "v2t": _metrics(30.0)}}, "num_parameters": 12_345_678},
     "student_teachtext": {
         "test": {
-            0: {"t2v": _metrics(22.0, medr=3.0), "v2t": _metrics(31.0)},
-            1: {"t2v": _metrics(24.0, medr=4.0), "v2t": _metrics(33.0)},
-            2: {"t2v": _metrics(23.5, medr=5.0), "v2t": _metrics(32.0)},
+            0: {"t2v": _metrics(22.0, medr=3.0, r100=90.0), "v2t": _metrics(31.0, r100=91.0)},
+            1: {"t2v": _metrics(24.0, medr=4.0, r100=95.0), "v2t": _metrics(33.0, r100=92.0)},
+            2: {"t2v": _metrics(23.5, medr=5.0, r100=97.5), "v2t": _metrics(32.0, r100=93.0)},
         },
         "val": {0: {"t2v": _metrics(25.0), "v2t": _metrics(35.0)}},
         "num_parameters": 2_000_000,
@@ -154,6 +157,9 @@ def test_report_json_holds_every_seed_and_numpys_mean_and_population_std(tmp_pat
     assert test["std"]["t2v"]["R1"] == pytest.approx(r1_population_std)
     assert report["models"]["teacher_mnet"]["splits"]["test"]["std"]["t2v"]["R1"] == 0.0
     assert report["models"]["student_baseline"]["num_parameters"] is None
+    # R@100 and SumR are summarised where every seed has them, and left out where none does.
+    baseline_mean = report["models"]["student_baseline"]["splits"]["test"]["mean"]["t2v"]
+    assert set(baseline_mean) == set(REFERENCE_METRIC_NAMES)
     assert "ddof=0" in report["std"]
 
 

@@ -67,7 +67,7 @@ def test_search_by_caption_and_by_token_features_agree_with_the_evaluator_ranks(
     ranks = Evaluator(model, store, "poor").run(variables, return_ranks=True)["ranks"].text_to_video
     captions = [(v, c) for v in range(store.num_videos) for c in range(store.max_captions) if store.caption_mask[v, c]]
     raw = {video_id: [f"{video_id} caption {c}" for c in range(store.max_captions)] for video_id in store.video_ids}
-    found = search(store, model=model, variables=variables, text_name="poor", captions=captions, k=store.num_videos,
+    found = search(store=store, model=model, variables=variables, text_name="poor", captions=captions, k=store.num_videos,
                    raw_captions=raw)
     assert found.query_captions == [raw[store.video_ids[v]][c] for v, c in captions]
     assert found.videos.shape == (len(captions), store.num_videos)
@@ -79,7 +79,7 @@ def test_search_by_caption_and_by_token_features_agree_with_the_evaluator_ranks(
     # The same captions given as token features.
     _, _, text, _ = store.eval_inputs("poor", model.config.text_max_tokens)
     features = np.stack([text[v, c] for v, c in captions[:4]])
-    by_features = search(store, model=model, variables=variables, text_name="poor", text_features=features, k=3)
+    by_features = search(store=store, model=model, variables=variables, text_name="poor", text_features=features, k=3)
     np.testing.assert_array_equal(by_features.videos, found.videos[:4, :3])
     np.testing.assert_allclose(by_features.scores, found.scores[:4, :3], rtol=1e-5, atol=1e-6)
 
@@ -88,12 +88,12 @@ def test_search_refuses_queries_it_cannot_read():
     model, store = setup()
     variables = init_variables(model, jax.random.key(3))
     common = dict(model=model, variables=variables, text_name="poor")
-    with pytest.raises(SearchError, match="captions=.*or text_features=.*one of them"):
-        search(store, **common)
+    with pytest.raises(SearchError, match="one kind of them: sentences .*captions=.*text_features="):
+        search(store=store, **common)
     with pytest.raises(SearchError, match=f"caption \\({store.num_videos}, 0\\) is not a caption of this split"):
-        search(store, captions=[(store.num_videos, 0)], **common)
+        search(store=store, captions=[(store.num_videos, 0)], **common)
     with pytest.raises(SearchError, match="text_features must be \\[queries, tokens"):
-        search(store, text_features=np.zeros((2, 3, model.config.text_dim + 1)), **common)
+        search(store=store, text_features=np.zeros((2, 3, model.config.text_dim + 1)), **common)
 
 
 def test_the_evaluator_gives_qbnorm_t2v_and_keeps_the_raw_metrics():

@@ -211,7 +211,7 @@ def main_command(workdir: pathlib.Path, *overrides: str) -> list[str]:
 
 
 def cli_env() -> dict:
-    return dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    return dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0", JAX_PLATFORMS="cpu")
 
 
 def run_to_end(workdir: pathlib.Path) -> None:
@@ -271,6 +271,7 @@ def test_sigterm_saves_exits_cleanly_and_the_run_resumes(uninterrupted, tmp_path
     assert_same_run(tmp_path, uninterrupted)
 
 
+@pytest.mark.slow  # three short runs
 def test_validation_every_n_epochs_and_after_the_last(tmp_path):
     results = train.train_and_evaluate(baseline_config(eval_every_epochs=2), tmp_path)
     assert [row["epoch"] for row in read_jsonl(tmp_path / "metrics.jsonl") if "epoch" in row] == [2, 3]

@@ -149,13 +149,6 @@ class Evaluator:
 
     def ranks(self, variables: Any) -> tuple[metrics.RetrievalRanks, Optional[tuple[metrics.RetrievalRanks, float]]]:
         """(ranks, None), or with QB-Norm (raw ranks, (QB-Norm ranks, share of queries rescored))."""
-        if jax.process_count() > 1:
-            # Several hosts: the whole matrix on every device, as before streaming (the streamed
-            # path deadlocks across processes in the two-process recipe test; not yet found why).
-            if self.qbnorm is not None:
-                raise UserInputError("QB-Norm evaluation runs in one process for now; evaluate on a single host")
-            _, ranks = metrics.retrieval_metrics_and_ranks(self.similarity(variables), self.query_masks)
-            return ranks, None
         queries, gallery = self.packed(variables)
         keep_missing = self.model.config.keep_missing_modalities
         raw = streamed_ranks(

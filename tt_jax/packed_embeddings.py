@@ -166,8 +166,20 @@ _BLOCK_TEMPORARIES = 8
 
 def device_bytes_free(mesh: Mesh) -> Optional[int]:
     """Memory one device of the mesh can still take: the allocator's limit on an accelerator; on a
-    CPU the host's available memory shared by its devices; None where neither is known."""
-    device = mesh.devices.flat[0]
+    CPU the host's available memory shared by its devices; None where neither is known. With
+    several processes, the least of every process's answer: each process can ask only its own
+    devices, and all must take the same decision (one that refused alone would leave the others
+    waiting in the ranking's collectives)."""
+    free = _local_bytes_free(next(d for d in mesh.devices.flat if d.process_index == jax.process_index()))
+    if jax.process_count() == 1:
+        return free
+    from jax.experimental import multihost_utils
+
+    every = np.asarray(multihost_utils.process_allgather(np.int64(-1 if free is None else free)))
+    return None if np.any(every < 0) else int(every.min())
+
+
+def _local_bytes_free(device) -> Optional[int]:
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
     if stats and "bytes_limit" in stats:
         return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))

@@ -29,7 +29,11 @@ import tensorboardX
 import tqdm
 
 from tt_jax.errors import UserInputError
+from tt_jax.metrics import METRIC_NAMES as ALL_METRIC_NAMES
 from tt_jax.metrics import REFERENCE_METRIC_NAMES as METRIC_NAMES  # the table's columns
+
+# Metrics the report carries where every seed has them (runs evaluated before they existed do not).
+OPTIONAL_METRIC_NAMES = tuple(name for name in ALL_METRIC_NAMES if name not in METRIC_NAMES)
 
 T = TypeVar("T")
 
@@ -161,7 +165,8 @@ def _checked_metrics(metrics: Any, where: str) -> dict[str, float]:
     missing = [name for name in METRIC_NAMES if name not in metrics]
     if missing:
         raise ReportError(f"{where}: metrics {missing} are missing (has {sorted(metrics)})")
-    return {name: float(metrics[name]) for name in METRIC_NAMES}
+    names = METRIC_NAMES + tuple(name for name in OPTIONAL_METRIC_NAMES if name in metrics)
+    return {name: float(metrics[name]) for name in names}
 
 
 def summarize_results(results: Mapping[str, Mapping[str, Any]]) -> dict:
@@ -198,9 +203,11 @@ def summarize_results(results: Mapping[str, Mapping[str, Any]]) -> dict:
             }
             summary = {"num_seeds": len(seeds), "seeds": seeds, "mean": {}, "std": {}}
             for direction in DIRECTIONS:
-                table = np.array([[seed[direction][name] for name in METRIC_NAMES] for seed in seeds.values()])
-                summary["mean"][direction] = dict(zip(METRIC_NAMES, np.mean(table, axis=0).tolist()))
-                summary["std"][direction] = dict(zip(METRIC_NAMES, np.std(table, axis=0, ddof=0).tolist()))
+                first_seed = next(iter(seeds.values()))[direction]
+                names = [name for name in first_seed if all(name in seed[direction] for seed in seeds.values())]
+                table = np.array([[seed[direction][name] for name in names] for seed in seeds.values()])
+                summary["mean"][direction] = dict(zip(names, np.mean(table, axis=0).tolist()))
+                summary["std"][direction] = dict(zip(names, np.std(table, axis=0, ddof=0).tolist()))
             splits[str(split)] = summary
         models[str(model)] = {
             "num_parameters": None if num_parameters is None else int(num_parameters),

@@ -7,13 +7,16 @@ keeps the lower index first, and blocks and devices are visited in video order),
 is the same on any number of devices. `approximate=True` uses `jax.lax.approx_max_k` inside each
 block (fast on TPU; exact on CPU and GPU, where it falls back to a full sort).
 
-`search` embeds queries with a trained model (captions of a split by index, or token features)
-and returns the top videos of a store; `retrieval_overlap` counts the queries two models get
-right (TeachText's Fig 3 and 13).
+`search` embeds queries with a trained model (sentences through a `tt_jax.sentences` encoder,
+captions of a split by index, or token features) and returns the top videos of a store;
+`retrieval_overlap` counts the queries two models get right (TeachText's Fig 3 and 13).
 
     from tt_jax.search import search
-    found = search(store, workdir="runs/demo/student_teachtext/seed_0", captions=[(0, 0), (3, 1)], k=5)
-    found.video_ids, found.scores
+    from tt_jax.sentences import Word2VecEncoder
+    found = search(["a man is cooking"], store=store, workdir="runs/msrvtt/student_teachtext/seed_0",
+                   encoder=Word2VecEncoder.from_file("GoogleNews-vectors-negative300.bin"), k=5)
+    found.video_ids, found.scores, found.encoded[0].not_found
+    search(store=store, workdir=..., captions=[(0, 0), (3, 1)])  # captions of the split
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from tt_jax import parallel
 from tt_jax.data.feature_store import FeatureStore
 from tt_jax.errors import UserInputError
 from tt_jax.evaluate import Evaluator
+from tt_jax.sentences import EncodedSentence, SentenceEncoder, token_features
 from tt_jax.packed_embeddings import (
     GalleryLayout,
     PackedGallery,
@@ -132,12 +136,14 @@ def top_k(
 @dataclasses.dataclass(frozen=True)
 class SearchResult:
     """videos, scores: [Q, k] gallery indices and similarities, best first; video_ids: their
-    names; query_captions: the query sentences where raw captions were given (else None)."""
+    names; query_captions: the query sentences (given, or from raw captions; else None);
+    encoded: for sentence queries, the words each was read as and the words not found."""
 
     videos: np.ndarray
     scores: np.ndarray
     video_ids: list
     query_captions: Optional[list] = None
+    encoded: Optional[list[EncodedSentence]] = None
 
 
 def _caption_rows(captions: Sequence[tuple[int, int]], store: FeatureStore) -> np.ndarray:
@@ -154,8 +160,10 @@ def _caption_rows(captions: Sequence[tuple[int, int]], store: FeatureStore) -> n
 
 
 def search(
-    store: FeatureStore,
+    sentences: Optional[Sequence[str]] = None,
     *,
+    store: FeatureStore,
+    encoder: Optional[SentenceEncoder] = None,
     workdir: Optional[str] = None,
     model: Any = None,
     variables: Any = None,
@@ -169,14 +177,25 @@ def search(
 ) -> SearchResult:
     """The top-k videos of `store` for each query, from a run's `workdir` or `model` + `variables`.
 
+    sentences: queries as text, turned into token features by `encoder` (a
+      `tt_jax.sentences.SentenceEncoder` of the model's text embedding, e.g. `Word2VecEncoder`
+      for a model trained on "w2v").
     captions: queries as (video index, caption index) pairs of `store`.
     text_features: queries as token features [Q, tokens, text_dim] of the model's text embedding
       (zero rows past a query's last token), e.g. from `tt_jax.data` or your own encoder.
     raw_captions: {video id: [sentence, ...]} (`tt_jax.data.release.read_raw_captions`), to name
       the query captions in the result.
     """
-    if (captions is None) == (text_features is None):
-        raise SearchError("search needs queries: captions=[(video, caption), ...] or text_features=[Q, tokens, dim], one of them")
+    if sum(query is not None for query in (sentences, captions, text_features)) != 1:
+        raise SearchError(
+            "search needs queries, one kind of them: sentences ['a man is cooking', ...] with encoder=..., "
+            "captions=[(video, caption), ...] or text_features=[Q, tokens, dim]"
+        )
+    if sentences is not None and encoder is None:
+        raise SearchError(
+            "sentence queries need encoder=... to turn them into the model's token features, e.g. "
+            "tt_jax.sentences.Word2VecEncoder.from_file('GoogleNews-vectors-negative300.bin') for a w2v model"
+        )
     if (workdir is None) == (model is None):
         raise SearchError("search needs either workdir=... or model=... and variables=..., not both")
     mesh = parallel.make_mesh()
@@ -187,9 +206,17 @@ def search(
         raise SearchError("search(model=...) also needs variables=... and text_name=...")
     variables = jax.device_put(variables, parallel.replicated(mesh))
     config = model.config
+    encoded = None
+    if sentences is not None:
+        if encoder.dim != config.text_dim:
+            raise SearchError(
+                f"the encoder gives {encoder.dim}-d token features but the model reads {config.text_dim}-d "
+                f"{text_name!r} features; use the encoder of the text embedding the model was trained on"
+            )
+        text_features, encoded = token_features(sentences, encoder, config.text_max_tokens)
     evaluator = Evaluator(model, store, text_name, mesh=mesh)
     split_queries, gallery = evaluator.packed(variables)
-    query_captions = None
+    query_captions = list(sentences) if sentences is not None else None
     if captions is not None:
         rows = _caption_rows(captions, store)
         flat = jax.device_put(rows[:, 0] * store.max_captions + rows[:, 1], parallel.replicated(mesh))
@@ -213,7 +240,7 @@ def search(
         queries, _ = pack_split(embeddings, names, keep_missing_modalities=config.keep_missing_modalities)
     scores, videos = top_k(queries, gallery, k, mesh=mesh, keep_missing_modalities=config.keep_missing_modalities,
                            approximate=approximate)
-    return SearchResult(videos, scores, [[store.video_ids[v] for v in row] for row in videos], query_captions)
+    return SearchResult(videos, scores, [[store.video_ids[v] for v in row] for row in videos], query_captions, encoded)
 
 
 def retrieval_overlap(ranks_a, ranks_b, k: int = 1) -> dict[str, float]:
