@@ -34,7 +34,6 @@ from tt_jax import parallel
 from tt_jax.data.feature_store import FeatureStore
 from tt_jax.errors import UserInputError
 from tt_jax.evaluate import Evaluator
-from tt_jax.sentences import EncodedSentence, SentenceEncoder, token_features
 from tt_jax.packed_embeddings import (
     GalleryLayout,
     PackedGallery,
@@ -45,6 +44,7 @@ from tt_jax.packed_embeddings import (
     place_gallery,
     place_queries,
 )
+from tt_jax.sentences import EncodedSentence, SentenceEncoder, token_features
 from tt_jax.trained import load_trained
 
 
